@@ -1,0 +1,68 @@
+"""Aggregation: pure numpy functions plus the streaming strategy interface.
+
+A strategy sees each verified update once, as it completes (``add``), and is
+asked for the new global model when the round commits (``finish``). Streaming
+keeps memory at O(model), not O(devices x model): FedAvg folds each delta into
+one float64 running sum with an in-place scaled add.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Reference (non-streaming) weighted mean, for tests and small callers.
+
+    >>> weighted_mean([np.array([1.0, 0.0]), np.array([3.0, 2.0])], [1, 3]).tolist()
+    [2.5, 1.5]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    return (np.stack(vectors).astype(np.float64) * w[:, None]).sum(axis=0) / w.sum()
+
+
+class Strategy(Protocol):
+    """How a round's verified updates become the next global model.
+
+    ``add`` is called once per accepted update with its delta (local minus
+    global, float32) and its sample count. ``finish`` returns the new global
+    vector, or ``None`` when nothing was added: keep the previous model.
+    """
+
+    def add(self, delta: np.ndarray, num_samples: int) -> None: ...
+
+    def finish(self, global_vector: np.ndarray) -> np.ndarray | None: ...
+
+
+class FedAvg:
+    """Streaming FedAvg (McMahan et al. 2017): global += sum(n_k * d_k) / sum(n_k).
+
+    With ``weighted=False`` every update counts equally (simple mean).
+
+    >>> s = FedAvg(2)
+    >>> s.add(np.array([1.0, 0.0], np.float32), 1); s.add(np.array([3.0, 2.0], np.float32), 3)
+    >>> s.finish(np.zeros(2, np.float32)).tolist()
+    [2.5, 1.5]
+    """
+
+    def __init__(self, num_params: int, weighted: bool = True, server_lr: float = 1.0) -> None:
+        self._sum = np.zeros(num_params, dtype=np.float64)
+        self._weight = 0.0
+        self.weighted = weighted
+        self.server_lr = server_lr
+        self.count = 0
+
+    def add(self, delta: np.ndarray, num_samples: int) -> None:
+        w = float(num_samples) if self.weighted else 1.0
+        # In place: no temporary of model size per update beyond the float64 cast.
+        self._sum += w * delta.astype(np.float64, copy=False)
+        self._weight += w
+        self.count += 1
+
+    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
+        if self.count == 0:
+            return None
+        step = self._sum / self._weight
+        return (global_vector.astype(np.float64) + self.server_lr * step).astype(np.float32)

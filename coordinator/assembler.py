@@ -1,0 +1,180 @@
+"""Reassembly of device updates from shards, with deduplication and verification.
+
+Theory of operation
+-------------------
+The assembler is sans-IO: it is fed decoded :class:`UpdateShard` messages for
+the round it was built for and answers with a :class:`ShardOutcome`. It never
+reads a clock or touches the network.
+
+Per device it keeps at most one *open* update (the one being reassembled) and
+remembers whether the device already has an accepted update this round. The
+rules, in the order they are checked:
+
+1. The shard must belong to this round and this round's layout (model version,
+   vector length, shard count, codec, offset/length) — else ``rejected``.
+2. Its digest must match its bytes — else ``rejected`` (reason ``digest``).
+3. If the device already has an accepted update this round, the shard is a
+   ``duplicate`` (first complete update per device and round wins).
+4. A shard index already held for the same update is a ``duplicate`` (QoS 1
+   redelivery, a resend after reconnect). A device may have several update ids
+   open (it re-encoded after a restart); whichever completes first wins and the
+   others are dropped.
+5. When the last shard of an update arrives the ordered shard digests must
+   hash to ``update_digest``; then every shard is decoded with the round's
+   codec. Any failure rejects the whole update (reason ``update_digest`` or
+   ``decode``) and forgets it, so the device can send a fresh one.
+
+Only a complete, verified update is returned (``complete`` with ``vector``),
+so nothing partial can reach the aggregate and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsync.codecs import get_codec
+from fedsync.errors import ProtocolError
+from fedsync.messages import UpdateShard
+from fedsync.params import bitmap, check_shard_layout, digest, update_digest
+
+
+@dataclass(frozen=True, slots=True)
+class RoundLayout:
+    """What every update shard of one round must agree with."""
+
+    round_id: int
+    model_version: int
+    num_params: int
+    shard_values: int
+    codec: str
+
+    @property
+    def shard_count(self) -> int:
+        return -(-self.num_params // self.shard_values)
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteUpdate:
+    device: str
+    round_id: int
+    update_id: str
+    num_samples: int
+    vector: np.ndarray  # decoded float32 delta, length num_params
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardOutcome:
+    """What one shard did. ``kind`` is one of accepted, duplicate, rejected, complete."""
+
+    kind: str
+    device: str
+    update_id: str
+    reason: str = ""
+    held: bytes = b""
+    update: CompleteUpdate | None = None
+
+
+@dataclass(slots=True)
+class _OpenUpdate:
+    update_id: str
+    num_samples: int
+    update_digest: bytes
+    shards: dict[int, UpdateShard] = field(default_factory=dict)
+
+
+class ShardAssembler:
+    """Reassembles, deduplicates and verifies the updates of one round.
+
+    >>> layout = RoundLayout(round_id=1, model_version=0, num_params=3, shard_values=2, codec="raw")
+    >>> asm = ShardAssembler(layout)
+    >>> asm.accepted_devices
+    set()
+    """
+
+    def __init__(self, layout: RoundLayout) -> None:
+        self.layout = layout
+        self._codec = get_codec(layout.codec)
+        self._open: dict[tuple[str, str], _OpenUpdate] = {}
+        self._accepted: dict[str, str] = {}  # device -> accepted update id
+
+    @property
+    def accepted_devices(self) -> set[str]:
+        return set(self._accepted)
+
+    def accepted_update(self, device: str) -> str | None:
+        """The update id accepted for ``device`` this round, if any."""
+        return self._accepted.get(device)
+
+    def open_updates(self) -> int:
+        return len(self._open)
+
+    def held(self, device: str, update_id: str) -> bytes:
+        """Bitmap of the shards held for ``(device, update_id)``."""
+        if self._accepted.get(device) == update_id:
+            return bitmap(range(self.layout.shard_count), self.layout.shard_count)
+        op = self._open.get((device, update_id))
+        return bitmap(op.shards if op else (), self.layout.shard_count)
+
+    def add(self, shard: UpdateShard) -> ShardOutcome:
+        """Feed one decoded shard; see the module docstring for the rules."""
+        try:
+            self._check_layout(shard)
+        except ProtocolError as err:
+            return ShardOutcome("rejected", shard.device, shard.update_id, reason=err.reason)
+        if digest(shard.data) != shard.digest:
+            return ShardOutcome("rejected", shard.device, shard.update_id, reason="digest",
+                                held=self.held(shard.device, shard.update_id))
+        if shard.device in self._accepted:
+            return ShardOutcome("duplicate", shard.device, shard.update_id, reason="update_already_accepted",
+                                held=self.held(shard.device, shard.update_id))
+        key = (shard.device, shard.update_id)
+        op = self._open.get(key)
+        if op is None:
+            op = self._open[key] = _OpenUpdate(shard.update_id, shard.num_samples, shard.update_digest)
+        elif op.update_digest != shard.update_digest or op.num_samples != shard.num_samples:
+            return ShardOutcome("rejected", shard.device, shard.update_id, reason="inconsistent_update",
+                                held=self.held(*key))
+        if shard.index in op.shards:
+            return ShardOutcome("duplicate", shard.device, shard.update_id, reason="shard_already_held",
+                                held=self.held(*key))
+        op.shards[shard.index] = shard
+        if len(op.shards) < self.layout.shard_count:
+            return ShardOutcome("accepted", shard.device, shard.update_id, held=self.held(*key))
+        return self._complete(key, op)
+
+    def _check_layout(self, s: UpdateShard) -> None:
+        lay = self.layout
+        if s.round_id != lay.round_id:
+            raise ProtocolError("round_id", "stale_round", f"{s.round_id} != {lay.round_id}")
+        if s.base_version != lay.model_version:
+            raise ProtocolError("base_version", "base_version", f"{s.base_version} != {lay.model_version}")
+        if s.num_params != lay.num_params:
+            raise ProtocolError("num_params", "shape", f"{s.num_params} != {lay.num_params}")
+        if s.count != lay.shard_count:
+            raise ProtocolError("count", "shape", f"{s.count} != {lay.shard_count}")
+        if s.codec != lay.codec:
+            raise ProtocolError("codec", "codec", f"{s.codec!r} != {lay.codec!r}")
+        check_shard_layout(s.offset, s.length, s.index, lay.shard_values, lay.num_params)
+
+    def _complete(self, key: tuple[str, str], op: _OpenUpdate) -> ShardOutcome:
+        device, update_id = key
+        del self._open[key]
+        ordered = [op.shards[i] for i in range(self.layout.shard_count)]
+        if update_digest(s.digest for s in ordered) != op.update_digest:
+            return ShardOutcome("rejected", device, update_id, reason="update_digest", held=b"")
+        vector = np.empty(self.layout.num_params, dtype=np.float32)
+        try:
+            for s in ordered:
+                vector[s.offset:s.offset + s.length] = self._codec.decode(s.data, s.length)
+        except ProtocolError as err:
+            return ShardOutcome("rejected", device, update_id, reason=f"decode_{err.reason}", held=b"")
+        self._accepted[device] = update_id
+        # Other open updates of this device can never win now: drop them.
+        for other in [k for k in self._open if k[0] == device]:
+            del self._open[other]
+        update = CompleteUpdate(device, self.layout.round_id, update_id, op.num_samples, vector,
+                                dict(ordered[0].metrics))
+        return ShardOutcome("complete", device, update_id, held=self.held(device, update_id), update=update)

@@ -1,0 +1,360 @@
+"""The coordinator's round logic, with no I/O.
+
+Theory of operation
+-------------------
+:class:`CoordinatorCore` is fed three kinds of input — a broker message
+(``on_message``), the passage of time (``tick``) and its own start
+(``start``) — each with ``now`` as an argument, and returns a list of
+:mod:`fedsync.actions` (mostly ``Publish``) plus :class:`RoundClosed` events.
+Randomness (device selection) comes from a seeded ``random.Random``.
+
+Round state machine (one round at a time; see docs/protocol.md):
+
+=========  ==========================================  ===========  ==========================================
+state      event / guard                               next         actions
+=========  ==========================================  ===========  ==========================================
+waiting    tick, online >= min_devices                 open         select devices, publish manifest(open)
+open       update complete, accepted >= target         waiting      commit: aggregate, publish model v+1,
+                                                                    manifest, clear model v
+open       device offline or update complete,          waiting      commit (no one alive left to wait for)
+           accepted >= quorum, no live device pending
+open       tick, now >= deadline, accepted >= quorum   waiting      commit
+open       tick, now >= deadline, accepted < quorum    waiting      abandon: same model, next round id
+waiting    committed rounds == rounds (when rounds>0)  finished     publish manifest(finished)
+=========  ==========================================  ===========  ==========================================
+
+``waiting`` is left again on the same call when enough devices are online, so
+back-to-back rounds cost no extra tick.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.aggregate import FedAvg, Strategy
+from coordinator.assembler import RoundLayout, ShardAssembler, ShardOutcome
+from fedsync.actions import Publish
+from fedsync.codecs import get_codec
+from fedsync.errors import ProtocolError
+from fedsync.messages import ModelShard, PeerStatus, RoundManifest, ShardAck, UpdateShard, decode, encode
+from fedsync.params import ParamSpec, digest, shard_slices, spec_size, vector_digest
+from fedsync.topics import Topics
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPolicy:
+    """The knobs of the synchronous round rule (all documented in docs/protocol.md)."""
+
+    rounds: int = 20  # committed rounds to run; 0 = run forever
+    target: int = 10  # accepted updates that commit a round at once
+    quorum: int = 1  # accepted updates needed to commit at the deadline
+    over_select: float = 0.0  # select ceil(target * (1 + over_select)) devices
+    min_devices: int = 1  # online devices needed before a round opens
+    round_timeout: float = 60.0  # seconds from manifest to deadline
+    shard_values: int = 65536  # float32 values per shard (256 KiB raw)
+    model_codec: str = "zstd"
+    update_codec: str = "zstd"
+    update_qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClosed:
+    """Emitted when a round ends; ``vector`` is the new global model on commit."""
+
+    round_id: int
+    outcome: str  # "committed" | "abandoned"
+    model_version: int
+    selected: tuple[str, ...]
+    accepted: tuple[str, ...]
+    started_at: float
+    closed_at: float
+    reason: str
+    vector: np.ndarray | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CoordinatorStats:
+    """Counters the service exports as metrics (names in docs/protocol.md)."""
+
+    updates_accepted: int = 0
+    duplicates_dropped: int = 0
+    shards_accepted: int = 0
+    shards_rejected: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    rounds_committed: int = 0
+    rounds_abandoned: int = 0
+    devices_offline_detected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(slots=True)
+class _Round:
+    manifest: RoundManifest
+    assembler: ShardAssembler
+    strategy: Strategy
+    selected: frozenset[str]
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+class CoordinatorCore:
+    """Runs synchronous federated rounds over the topic tree of ``topics``.
+
+    >>> import random
+    >>> core = CoordinatorCore(Topics("t"), {"w": np.zeros(3, np.float32)}, RoundPolicy(rounds=1),
+    ...                        hyper={}, incarnation=1, rng=random.Random(0))
+    >>> [a.topic for a in core.start(now=0.0)][:2]
+    ['fedsync/t/coordinator/status', 'fedsync/t/model/0/0']
+    """
+
+    def __init__(self, topics: Topics, params: dict[str, np.ndarray], policy: RoundPolicy, *,
+                 hyper: dict[str, float], incarnation: int, rng: random.Random,
+                 strategy_factory=None, first_round_id: int = 1, model_version: int = 0) -> None:
+        from fedsync.params import flatten, spec_of
+
+        self.topics = topics
+        self.policy = policy
+        self.hyper = dict(hyper)
+        self.incarnation = incarnation
+        self.rng = rng
+        self.spec: ParamSpec = spec_of(params)
+        self.vector = flatten(params, self.spec)
+        self.version = model_version
+        self.stats = CoordinatorStats()
+        self.online: set[str] = set()
+        self.round: _Round | None = None
+        self.next_round_id = first_round_id
+        self.finished = False
+        self._strategy_factory = strategy_factory or (lambda n: FedAvg(n))
+        get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
+
+    # -- inputs -------------------------------------------------------------
+
+    def start(self, now: float) -> list:
+        status = PeerStatus("coordinator", "online", self.incarnation)
+        out: list = [Publish(self.topics.coordinator_status, encode(status), 1, True)]
+        out += self._publish_model()
+        out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
+        return self._count_out(out)
+
+    def tick(self, now: float) -> list:
+        out: list = []
+        r = self.round
+        if r is not None and now >= r.manifest.deadline:
+            out += self._close(now, "deadline")
+        elif r is None:
+            out += self._maybe_open(now)
+        return self._count_out(out)
+
+    def on_message(self, topic: str, payload: bytes, now: float) -> list:
+        """Feed one broker message. Bad input is counted and dropped, never raised."""
+        try:
+            if topic.startswith(self.topics.root + "/up/"):
+                out = self._on_update(topic, payload, now)
+            elif topic.startswith(self.topics.root + "/status/"):
+                out = self._on_status(topic, payload, now)
+            else:
+                return []  # not ours (amqtt leaks retained messages; our own echoes)
+        except ProtocolError as err:
+            self._reject(err.reason)
+            return [RejectedInput(topic, err.field, err.reason, str(err))]
+        return self._count_out(out)
+
+    # -- updates --------------------------------------------------------------
+
+    def _on_update(self, topic: str, payload: bytes, now: float) -> list:
+        self.stats.bytes_in += len(payload)
+        where = self.topics.parse_up(topic)
+        shard = decode(payload, UpdateShard)
+        if (shard.device, shard.round_id, shard.update_id, shard.index) != (
+                where.device, where.round_id, where.update_id, where.shard):
+            raise ProtocolError("topic", "topic_mismatch", "payload names another device, round, update or shard")
+        r = self.round
+        if r is None or shard.round_id != r.manifest.round_id:
+            self._reject("stale_round")
+            ack = ShardAck(shard.device, shard.round_id, shard.update_id, shard.count,
+                           bytes((shard.count + 7) // 8), "closed", "round is not open")
+            return [RejectedInput(topic, "round_id", "stale_round", f"round {shard.round_id} is not open"),
+                    self._ack_publish(ack)]
+        if shard.device not in r.selected:
+            raise ProtocolError("device", "not_selected", f"{shard.device} is not selected for round {shard.round_id}")
+        outcome = r.assembler.add(shard)
+        return self._after_shard(r, shard, outcome, now)
+
+    def _after_shard(self, r: _Round, shard: UpdateShard, o: ShardOutcome, now: float) -> list:
+        out: list = []
+        status = {"accepted": "partial", "complete": "accepted", "duplicate": "partial", "rejected": "partial"}[o.kind]
+        if o.kind == "accepted":
+            self.stats.shards_accepted += 1
+        elif o.kind == "duplicate":
+            self.stats.duplicates_dropped += 1
+            won = r.assembler.accepted_update(shard.device)
+            if won is not None:  # this device is done for the round: tell it to stop sending
+                status = "accepted" if won == shard.update_id else "duplicate"
+        elif o.kind == "rejected":
+            self._reject(o.reason)
+            out.append(RejectedInput(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
+                                     "shard", o.reason, f"{shard.device} shard {shard.index}: {o.reason}"))
+            if o.reason in ("update_digest", "inconsistent_update") or o.reason.startswith("decode_"):
+                status = "rejected"
+        elif o.kind == "complete":
+            self.stats.shards_accepted += 1
+            self.stats.updates_accepted += 1
+            assert o.update is not None
+            r.strategy.add(o.update.vector, o.update.num_samples)
+            r.metrics.append(dict(o.update.metrics, num_samples=float(o.update.num_samples)))
+        held = o.held or bytes((shard.count + 7) // 8)
+        out.append(self._ack_publish(ShardAck(shard.device, shard.round_id, shard.update_id,
+                                              shard.count, held, status, o.reason if status == "rejected" else "")))
+        if o.kind == "complete":
+            out += self._check_early_close(now)
+        return out
+
+    # -- presence ---------------------------------------------------------------
+
+    def _on_status(self, topic: str, payload: bytes, now: float) -> list:
+        device = self.topics.parse_status(topic)
+        if not payload:
+            return []  # a cleared retained status
+        status = decode(payload, PeerStatus)
+        if status.peer != device:
+            raise ProtocolError("peer", "topic_mismatch", f"status for {status.peer!r} on {device!r}'s topic")
+        if status.state == "online":
+            self.online.add(device)
+            return [] if self.round else self._maybe_open(now)
+        if device in self.online:
+            self.online.discard(device)
+            self.stats.devices_offline_detected += 1
+            return [DeviceOffline(device, now)] + self._check_early_close(now)
+        return []
+
+    # -- round lifecycle --------------------------------------------------------
+
+    def _maybe_open(self, now: float) -> list:
+        p = self.policy
+        if self.finished or self.round is not None or len(self.online) < max(1, p.min_devices):
+            return []
+        if p.rounds and self.stats.rounds_committed >= p.rounds:
+            self.finished = True
+            return [self._manifest_publish(self._idle_manifest(now, "finished"))]
+        candidates = sorted(self.online)
+        k = min(len(candidates), math.ceil(p.target * (1.0 + p.over_select)))
+        selected = tuple(sorted(self.rng.sample(candidates, k)))
+        target = min(p.target, k)
+        manifest = self._manifest(now, "open", selected, target, min(p.quorum, target))
+        layout = RoundLayout(manifest.round_id, self.version, self.vector.size, p.shard_values, p.update_codec)
+        self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
+                            frozenset(selected))
+        self.next_round_id += 1
+        return [self._manifest_publish(manifest)]
+
+    def _check_early_close(self, now: float) -> list:
+        r = self.round
+        if r is None:
+            return []
+        accepted = r.assembler.accepted_devices
+        if len(accepted) >= r.manifest.target:
+            return self._close(now, "target")
+        pending_alive = (r.selected - accepted) & self.online
+        if not pending_alive and len(accepted) >= r.manifest.quorum:
+            return self._close(now, "quorum_no_live_pending")
+        return []
+
+    def _close(self, now: float, reason: str) -> list:
+        r = self.round
+        assert r is not None
+        self.round = None
+        accepted = tuple(sorted(r.assembler.accepted_devices))
+        committed = len(accepted) >= r.manifest.quorum
+        new_vector = r.strategy.finish(self.vector) if committed else None
+        out: list = []
+        if new_vector is not None:
+            old_version = self.version
+            self.vector, self.version = new_vector, self.version + 1
+            self.stats.rounds_committed += 1
+            out += self._publish_model()
+            event = RoundClosed(r.manifest.round_id, "committed", self.version, tuple(sorted(r.selected)),
+                                accepted, r.manifest.issued_at, now, reason, self.vector, _mean_metrics(r.metrics))
+            opened = self._maybe_open(now)
+            out += opened or [self._manifest_publish(self._idle_manifest(now))]
+            out += self._clear_model(old_version)
+        else:
+            self.stats.rounds_abandoned += 1
+            event = RoundClosed(r.manifest.round_id, "abandoned", self.version, tuple(sorted(r.selected)),
+                                accepted, r.manifest.issued_at, now, reason)
+            out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
+        return [event] + out
+
+    # -- message construction -------------------------------------------------
+
+    def _manifest(self, now: float, state: str, selected: tuple[str, ...], target: int, quorum: int) -> RoundManifest:
+        p = self.policy
+        return RoundManifest(
+            federation=self.topics.federation, round_id=self.next_round_id if state == "open" else
+            self.next_round_id - 1, incarnation=self.incarnation, state=state, mode="sync",
+            model_version=self.version, model_digest=vector_digest(self.vector), model_codec=p.model_codec,
+            model_shards=-(-self.vector.size // p.shard_values), param_spec=self.spec,
+            num_params=self.vector.size, shard_values=p.shard_values, update_codec=p.update_codec,
+            update_qos=p.update_qos, deadline=now + (p.round_timeout if state == "open" else 0.0),
+            issued_at=now, quorum=quorum, target=target, selected=selected, hyper=self.hyper)
+
+    def _idle_manifest(self, now: float, state: str = "waiting") -> RoundManifest:
+        return self._manifest(now, state, (), 0, 0)
+
+    def _manifest_publish(self, m: RoundManifest) -> Publish:
+        return Publish(self.topics.manifest, encode(m), 1, True)
+
+    def _ack_publish(self, ack: ShardAck) -> Publish:
+        return Publish(self.topics.ack(ack.device), encode(ack), 1, True)
+
+    def _publish_model(self) -> list[Publish]:
+        codec = get_codec(self.policy.model_codec)
+        slices = shard_slices(self.vector.size, self.policy.shard_values)
+        out = []
+        for i, (off, n) in enumerate(slices):
+            data = codec.encode(self.vector[off:off + n])
+            shard = ModelShard(self.version, i, len(slices), off, n, self.vector.size, codec.name, digest(data), data)
+            out.append(Publish(self.topics.model(self.version, i), encode(shard), 1, True))
+        return out
+
+    def _clear_model(self, version: int) -> list[Publish]:
+        # MQTT 3.1.1 §3.3.1.3: a retained message with an empty payload removes the retained one.
+        n = -(-self.vector.size // self.policy.shard_values)
+        return [Publish(self.topics.model(version, i), b"", 1, True) for i in range(n)]
+
+    def _reject(self, reason: str) -> None:
+        self.stats.shards_rejected += 1
+        self.stats.rejected_by_reason[reason] += 1
+
+    def _count_out(self, actions: list) -> list:
+        self.stats.bytes_out += sum(len(a.payload) for a in actions if isinstance(a, Publish))
+        return actions
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedInput:
+    """Event: a message was dropped (logged and counted by the service)."""
+
+    topic: str
+    field: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    device: str
+    at: float
+
+
+def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+    """Sample-weighted mean of the devices' reported metrics."""
+    total = sum(m.get("num_samples", 1.0) for m in items)
+    keys = {k for m in items for k in m if k != "num_samples"}
+    return {k: sum(m.get(k, 0.0) * m.get("num_samples", 1.0) for m in items) / total for k in sorted(keys)} if total else {}

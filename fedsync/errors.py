@@ -1,0 +1,27 @@
+"""The one error type that crosses the wire boundary.
+
+Every decoder in fedsync raises :class:`ProtocolError` for bad input and nothing
+else, so a service can catch exactly one type, log it, count it by reason and go
+on serving. The message always names the field and the reason.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(ValueError):
+    """A payload or topic that does not follow the wire contract.
+
+    ``field`` names the offending field (``"payload"`` for the whole message,
+    ``"topic"`` for the topic), ``reason`` is a short machine-friendly tag used
+    as a metric label (``"type"``, ``"range"``, ``"digest"``, ...), and the
+    string form is a sentence an operator can read.
+    """
+
+    def __init__(self, field: str, reason: str, detail: str = "") -> None:
+        self.field = field
+        self.reason = reason
+        self.detail = detail
+        text = f"{field}: {reason}"
+        if detail:
+            text += f" ({detail})"
+        super().__init__(text)

@@ -1,0 +1,413 @@
+"""Wire messages: frozen dataclasses encoded as CBOR maps with a schema version.
+
+Theory of operation
+-------------------
+Each message type declares its fields once, as a table of validators
+(``_SPEC``). :func:`encode` writes a CBOR map ``{"v": SCHEMA, "t": kind, ...}``;
+:func:`decode` checks the size, the CBOR itself, the schema version, the kind
+and then every field (type, range, size, finiteness) and returns the dataclass,
+or raises :class:`~fedsync.errors.ProtocolError` naming the field and reason.
+Cross-field rules (a shard's slice must fit inside the vector, the manifest's
+quorum must not exceed its target) are checked in each type's ``_check``.
+
+Nothing here touches the network or the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, ClassVar
+
+import cbor2
+
+from fedsync.errors import ProtocolError
+from fedsync.topics import check_name
+
+SCHEMA = 1
+MAX_PAYLOAD = 32 * 1024 * 1024  # bytes; larger payloads are refused before parsing
+MAX_PARAMS = 1 << 28
+MAX_SHARDS = 1 << 16
+MAX_DEVICES = 100_000
+DIGEST_SIZE = 16
+
+Validator = Callable[[str, Any], Any]
+
+
+# -- field validators --------------------------------------------------------
+
+def _int(lo: int, hi: int) -> Validator:
+    def check(name: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ProtocolError(name, "type", f"expected integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise ProtocolError(name, "range", f"{v} not in [{lo}, {hi}]")
+        return v
+    return check
+
+
+def _float(lo: float = -math.inf, hi: float = math.inf) -> Validator:
+    def check(name: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ProtocolError(name, "type", f"expected number, got {type(v).__name__}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise ProtocolError(name, "not_finite", f"{v}")
+        if not lo <= v <= hi:
+            raise ProtocolError(name, "range", f"{v} not in [{lo}, {hi}]")
+        return v
+    return check
+
+
+def _str(max_len: int = 64, choices: tuple[str, ...] | None = None) -> Validator:
+    def check(name: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ProtocolError(name, "type", f"expected text, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise ProtocolError(name, "size", f"{len(v)} chars > {max_len}")
+        if choices is not None and v not in choices:
+            raise ProtocolError(name, "value", f"{v!r} not one of {choices}")
+        return v
+    return check
+
+
+def _ident(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(name, "type", f"expected text, got {type(v).__name__}")
+    return check_name(name, v)
+
+
+def _bytes(max_len: int, exact: int | None = None) -> Validator:
+    def check(name: str, v: Any) -> bytes:
+        if not isinstance(v, bytes):
+            raise ProtocolError(name, "type", f"expected bytes, got {type(v).__name__}")
+        if exact is not None and len(v) != exact:
+            raise ProtocolError(name, "size", f"{len(v)} bytes, expected {exact}")
+        if len(v) > max_len:
+            raise ProtocolError(name, "size", f"{len(v)} bytes > {max_len}")
+        return v
+    return check
+
+
+def _list(item: Validator, max_len: int) -> Validator:
+    def check(name: str, v: Any) -> tuple:
+        if not isinstance(v, list):
+            raise ProtocolError(name, "type", f"expected array, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise ProtocolError(name, "size", f"{len(v)} items > {max_len}")
+        return tuple(item(f"{name}[{i}]", x) for i, x in enumerate(v))
+    return check
+
+
+def _float_map(max_len: int = 32) -> Validator:
+    key = _str(32)
+    val = _float()
+
+    def check(name: str, v: Any) -> dict[str, float]:
+        if not isinstance(v, dict):
+            raise ProtocolError(name, "type", f"expected map, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise ProtocolError(name, "size", f"{len(v)} entries > {max_len}")
+        return {key(f"{name}.key", k): val(f"{name}[{k}]", x) for k, x in v.items()}
+    return check
+
+
+def _param_entry(name: str, v: Any) -> tuple[str, tuple[int, ...]]:
+    if not isinstance(v, list) or len(v) != 2:
+        raise ProtocolError(name, "type", "expected [name, shape]")
+    pname = _str(128)(f"{name}.name", v[0])
+    shape = _list(_int(0, MAX_PARAMS), 8)(f"{name}.shape", v[1])
+    return (pname, shape)
+
+
+_DIGEST = _bytes(DIGEST_SIZE, exact=DIGEST_SIZE)
+_ROUND = _int(0, 2**53)
+_VERSION = _int(0, 2**53)
+_COUNT = _int(1, MAX_SHARDS)
+_INDEX = _int(0, MAX_SHARDS - 1)
+_NPARAMS = _int(1, MAX_PARAMS)
+_OFFSET = _int(0, MAX_PARAMS)
+_CODEC = _str(32)
+_TIME = _float(0.0, 1e12)
+
+
+# -- message types -----------------------------------------------------------
+
+class _Message:
+    KIND: ClassVar[str]
+    _SPEC: ClassVar[dict[str, Validator]]
+
+    def _check(self) -> None:  # cross-field rules; overridden where needed
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class RoundManifest(_Message):
+    """The retained description of the current round (topic ``manifest``)."""
+
+    federation: str
+    round_id: int
+    incarnation: int
+    state: str  # "open" | "waiting" | "finished"
+    mode: str
+    model_version: int
+    model_digest: bytes
+    model_codec: str
+    model_shards: int
+    param_spec: tuple[tuple[str, tuple[int, ...]], ...]
+    num_params: int
+    shard_values: int
+    update_codec: str
+    update_qos: int
+    deadline: float
+    issued_at: float
+    quorum: int
+    target: int
+    selected: tuple[str, ...]
+    hyper: dict[str, float] = field(default_factory=dict)
+
+    KIND: ClassVar[str] = "manifest"
+
+    def _check(self) -> None:
+        total = 0
+        for name, shape in self.param_spec:
+            total += math.prod(shape)
+        if total != self.num_params:
+            raise ProtocolError("num_params", "mismatch", f"param_spec has {total} values, num_params says {self.num_params}")
+        if self.model_shards != -(-self.num_params // self.shard_values):
+            raise ProtocolError("model_shards", "mismatch", "does not match num_params / shard_values")
+        if self.state == "open" and not 1 <= self.quorum <= self.target <= len(self.selected):
+            raise ProtocolError("quorum", "range", f"open round needs 1 <= quorum {self.quorum} <= target {self.target} <= selected {len(self.selected)}")
+        if self.quorum > self.target:
+            raise ProtocolError("quorum", "range", f"quorum {self.quorum} > target {self.target}")
+        if self.deadline < self.issued_at:
+            raise ProtocolError("deadline", "range", "deadline before issued_at")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShard(_Message):
+    """One retained slice of the global model (topic ``model/{version}/{index}``)."""
+
+    version: int
+    index: int
+    count: int
+    offset: int
+    length: int
+    num_params: int
+    codec: str
+    digest: bytes
+    data: bytes
+
+    KIND: ClassVar[str] = "model"
+
+    def _check(self) -> None:
+        _check_slice(self.index, self.count, self.offset, self.length, self.num_params)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateShard(_Message):
+    """One slice of a device's update (topic ``up/{device}/{round}/{update_id}/{index}``).
+
+    ``digest`` covers this shard's encoded ``data``; ``update_digest`` covers the
+    ordered list of all shard digests, so the whole update is verified once
+    reassembled (see :func:`fedsync.params.update_digest`).
+    """
+
+    device: str
+    round_id: int
+    update_id: str
+    base_version: int
+    index: int
+    count: int
+    offset: int
+    length: int
+    num_params: int
+    codec: str
+    num_samples: int
+    digest: bytes
+    update_digest: bytes
+    data: bytes
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    KIND: ClassVar[str] = "update"
+
+    def _check(self) -> None:
+        _check_slice(self.index, self.count, self.offset, self.length, self.num_params)
+
+
+ACK_STATES = ("partial", "accepted", "duplicate", "rejected", "closed")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardAck(_Message):
+    """Coordinator receipt (topic ``ack/{device}``, retained).
+
+    ``held`` is a bitmap (bit i of byte i//8, LSB first) of the shards of
+    ``update_id`` the coordinator holds durably. ``status`` tells the device
+    whether to keep sending (``partial``), stop (``accepted``, ``duplicate``,
+    ``closed``) or start over (``rejected``, with ``reason``).
+    """
+
+    device: str
+    round_id: int
+    update_id: str
+    count: int
+    held: bytes
+    status: str
+    reason: str = ""
+
+    KIND: ClassVar[str] = "ack"
+
+    def _check(self) -> None:
+        if len(self.held) != (self.count + 7) // 8:
+            raise ProtocolError("held", "size", f"{len(self.held)} bytes for {self.count} shards")
+
+    def holds(self, index: int) -> bool:
+        return bool(self.held[index // 8] >> (index % 8) & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus(_Message):
+    """Retained presence of a device or the coordinator; the last will sets ``offline``."""
+
+    peer: str
+    state: str  # "online" | "offline"
+    incarnation: int = 0
+
+    KIND: ClassVar[str] = "status"
+
+
+def _check_slice(index: int, count: int, offset: int, length: int, num_params: int) -> None:
+    if index >= count:
+        raise ProtocolError("index", "range", f"index {index} >= count {count}")
+    if length < 1 or offset + length > num_params:
+        raise ProtocolError("length", "range", f"slice [{offset}, {offset + length}) outside {num_params} values")
+
+
+RoundManifest._SPEC = {
+    "federation": _ident,
+    "round_id": _ROUND,
+    "incarnation": _int(0, 2**63 - 1),
+    "state": _str(16, ("open", "waiting", "finished")),
+    "mode": _str(16, ("sync", "async", "semisync")),
+    "model_version": _VERSION,
+    "model_digest": _DIGEST,
+    "model_codec": _CODEC,
+    "model_shards": _COUNT,
+    "param_spec": _list(_param_entry, 256),
+    "num_params": _NPARAMS,
+    "shard_values": _int(1, MAX_PARAMS),
+    "update_codec": _CODEC,
+    "update_qos": _int(1, 2),
+    "deadline": _TIME,
+    "issued_at": _TIME,
+    "quorum": _int(0, MAX_DEVICES),
+    "target": _int(0, MAX_DEVICES),
+    "selected": _list(_ident, MAX_DEVICES),
+    "hyper": _float_map(),
+}
+ModelShard._SPEC = {
+    "version": _VERSION,
+    "index": _INDEX,
+    "count": _COUNT,
+    "offset": _OFFSET,
+    "length": _NPARAMS,
+    "num_params": _NPARAMS,
+    "codec": _CODEC,
+    "digest": _DIGEST,
+    "data": _bytes(MAX_PAYLOAD),
+}
+UpdateShard._SPEC = {
+    "device": _ident,
+    "round_id": _ROUND,
+    "update_id": _ident,
+    "base_version": _VERSION,
+    "index": _INDEX,
+    "count": _COUNT,
+    "offset": _OFFSET,
+    "length": _NPARAMS,
+    "num_params": _NPARAMS,
+    "codec": _CODEC,
+    "num_samples": _int(1, 1 << 40),
+    "digest": _DIGEST,
+    "update_digest": _DIGEST,
+    "data": _bytes(MAX_PAYLOAD),
+    "metrics": _float_map(),
+}
+ShardAck._SPEC = {
+    "device": _ident,
+    "round_id": _ROUND,
+    "update_id": _ident,
+    "count": _COUNT,
+    "held": _bytes(MAX_SHARDS // 8),
+    "status": _str(16, ACK_STATES),
+    "reason": _str(200),
+}
+PeerStatus._SPEC = {
+    "peer": _ident,
+    "state": _str(16, ("online", "offline")),
+    "incarnation": _int(0, 2**63 - 1),
+}
+
+_KINDS: dict[str, type[_Message]] = {
+    cls.KIND: cls for cls in (RoundManifest, ModelShard, UpdateShard, ShardAck, PeerStatus)
+}
+
+
+def _to_cbor(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_cbor(v) for v in value]
+    return value
+
+
+def encode(msg: _Message) -> bytes:
+    """Encode a message as a CBOR map. Validates first, so nothing invalid leaves."""
+    body: dict[str, Any] = {"v": SCHEMA, "t": msg.KIND}
+    for f in fields(msg):  # type: ignore[arg-type]
+        body[f.name] = _to_cbor(getattr(msg, f.name))
+    out = cbor2.dumps(body)
+    decode(out, type(msg))  # cheap relative to the I/O; keeps the two sides honest
+    return out
+
+
+def decode(payload: bytes, expect: type[_Message] | None = None) -> Any:
+    """Decode and validate one payload; raise ProtocolError naming the field.
+
+    >>> m = PeerStatus("dev-1", "online")
+    >>> decode(encode(m), PeerStatus) == m
+    True
+    """
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ProtocolError("payload", "type", f"expected bytes, got {type(payload).__name__}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError("payload", "size", f"{len(payload)} bytes > {MAX_PAYLOAD}")
+    if not payload:
+        raise ProtocolError("payload", "empty")
+    try:
+        body = cbor2.loads(bytes(payload))
+    except Exception as exc:  # cbor2 raises several types; all mean "not CBOR"
+        raise ProtocolError("payload", "cbor", str(exc)[:120]) from None
+    if not isinstance(body, dict):
+        raise ProtocolError("payload", "type", f"expected CBOR map, got {type(body).__name__}")
+    version = body.get("v")
+    if version != SCHEMA:
+        raise ProtocolError("v", "schema_version", f"got {version!r}, this build speaks {SCHEMA}")
+    kind = body.get("t")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError("t", "value", f"unknown message kind {kind!r}")
+    if expect is not None and cls is not expect:
+        raise ProtocolError("t", "value", f"expected {expect.KIND!r}, got {kind!r}")
+    unknown = set(body) - set(cls._SPEC) - {"v", "t"}
+    if unknown:
+        raise ProtocolError(sorted(map(str, unknown))[0], "unknown_field")
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in body:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f.name, "missing")
+            continue  # optional field: the dataclass default applies
+        values[f.name] = cls._SPEC[f.name](f.name, body[f.name])
+    msg = cls(**values)
+    msg._check()
+    return msg

@@ -1,0 +1,109 @@
+"""The topic tree, in one place.
+
+``fedsync/{federation}/`` is the root. See docs/protocol.md for QoS and retain
+flags. Device ids and federation names are restricted to a safe alphabet so a
+topic can always be split unambiguously and never carries MQTT wildcards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedsync.errors import ProtocolError
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_name(field: str, value: str) -> str:
+    """Return ``value`` if it is a valid device id / federation name."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(field, "format", f"{value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class UpTopic:
+    device: str
+    round_id: int
+    update_id: str
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names for one federation.
+
+    >>> t = Topics("demo")
+    >>> t.up("dev-1", 3, "u7", 0)
+    'fedsync/demo/up/dev-1/3/u7/0'
+    """
+
+    federation: str
+
+    def __post_init__(self) -> None:
+        check_name("federation", self.federation)
+
+    @property
+    def root(self) -> str:
+        return f"fedsync/{self.federation}"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.root}/manifest"
+
+    def model(self, version: int, shard: int) -> str:
+        return f"{self.root}/model/{version}/{shard}"
+
+    def model_filter(self, version: int) -> str:
+        return f"{self.root}/model/{version}/+"
+
+    def up(self, device: str, round_id: int, update_id: str, shard: int) -> str:
+        return f"{self.root}/up/{device}/{round_id}/{update_id}/{shard}"
+
+    @property
+    def up_filter(self) -> str:
+        return f"{self.root}/up/#"
+
+    def ack(self, device: str) -> str:
+        return f"{self.root}/ack/{device}"
+
+    def status(self, device: str) -> str:
+        return f"{self.root}/status/{device}"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{self.root}/status/+"
+
+    @property
+    def coordinator_status(self) -> str:
+        return f"{self.root}/coordinator/status"
+
+    # -- parsing: every client filters what it receives by topic (DESIGN.md:
+    # amqtt delivers retained messages to clients that never subscribed).
+
+    def parse_up(self, topic: str) -> UpTopic:
+        parts = topic.split("/")
+        if len(parts) != 7 or parts[0] != "fedsync" or parts[1] != self.federation or parts[2] != "up":
+            raise ProtocolError("topic", "format", f"not an update topic: {topic!r}")
+        device = check_name("topic.device", parts[3])
+        update_id = check_name("topic.update_id", parts[5])
+        return UpTopic(device, _int("topic.round", parts[4]), update_id, _int("topic.shard", parts[6]))
+
+    def parse_status(self, topic: str) -> str:
+        prefix = f"{self.root}/status/"
+        if not topic.startswith(prefix):
+            raise ProtocolError("topic", "format", f"not a status topic: {topic!r}")
+        return check_name("topic.device", topic[len(prefix):])
+
+    def parse_model(self, topic: str) -> tuple[int, int]:
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[:3] != ["fedsync", self.federation, "model"]:
+            raise ProtocolError("topic", "format", f"not a model topic: {topic!r}")
+        return _int("topic.version", parts[3]), _int("topic.shard", parts[4])
+
+
+def _int(field: str, text: str) -> int:
+    if not text.isdigit() or len(text) > 18:
+        raise ProtocolError(field, "format", f"{text!r} is not a non-negative integer")
+    return int(text)
