@@ -1,0 +1,289 @@
+"""The device agent's protocol logic, with no I/O.
+
+Theory of operation
+-------------------
+:class:`AgentCore` follows the retained manifest. For a round that selects
+this device it fetches the global model (retained shards under
+``model/{version}/+``, verified shard by shard and then as a whole against the
+manifest's digest), asks its adapter to train (a :class:`Train` action; the
+adapter calls :meth:`AgentCore.on_trained` when done), encodes the delta
+``local - global`` with the round's codec into shards and publishes them.
+It then waits for the coordinator's retained ``ack/{device}``: ``accepted``,
+``duplicate`` or ``closed`` end the round for this device; ``rejected``
+re-encodes under a fresh update id; ``partial`` records progress. If no
+progress is seen for ``resend_after`` seconds the shards the coordinator does
+not hold are sent again (the coordinator drops duplicates, so resending is
+always safe).
+
+========  ====================================  ==========  =========================================
+state     event                                 next        actions
+========  ====================================  ==========  =========================================
+idle      manifest open, selected, model cached training    Train
+idle      manifest open, selected               fetching    Subscribe model/{v}/+
+fetching  last model shard, digest ok           training    Unsubscribe, Train
+training  on_trained for the current round      uploading   Publish every shard
+uploading ack accepted / duplicate / closed     done        —
+uploading ack rejected (retries left)           uploading   Publish every shard under a new update id
+uploading tick, no progress for resend_after    uploading   Publish the shards not held
+any       manifest for another round / waiting  idle        (work for the old round is dropped)
+any       manifest finished                     finished    Finished
+========  ====================================  ==========  =========================================
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsync.actions import Publish, Subscribe, Unsubscribe
+from fedsync.codecs import get_codec
+from fedsync.errors import ProtocolError
+from fedsync.messages import ModelShard, RoundManifest, ShardAck, UpdateShard, decode, encode
+from fedsync.params import (bitmap_indices, check_shard_layout, digest, flatten, shard_slices, unflatten,
+                            update_digest, vector_digest)
+from fedsync.topics import Topics
+
+
+@dataclass(frozen=True, slots=True)
+class Train:
+    """Adapter: run the trainer on ``params`` and call ``on_trained``."""
+
+    round_id: int
+    params: dict[str, np.ndarray]
+    hyper: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The federation has finished; the adapter may stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something worth a log line (event name plus fields)."""
+
+    event: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AgentStats:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    shards_sent: int = 0
+    shards_resent: int = 0
+    rounds_accepted: int = 0
+    updates_rejected: int = 0
+    model_fetches: int = 0
+    bad_messages: int = 0
+
+
+@dataclass(slots=True)
+class _Upload:
+    round_id: int
+    update_id: str
+    payloads: list[bytes]
+    topics: list[str]
+    delta: np.ndarray  # kept so a rejected update can be re-sent under a fresh id
+    num_samples: int
+    metrics: dict[str, float]
+    held: set[int] = field(default_factory=set)
+    retries: int = 0
+
+
+class AgentCore:
+    """One device's side of the protocol.
+
+    >>> core = AgentCore("dev-1", Topics("t"), random.Random(0))
+    >>> [a.topic_filter for a in core.on_connect(now=0.0)]
+    ['fedsync/t/manifest', 'fedsync/t/ack/dev-1']
+    """
+
+    def __init__(self, device_id: str, topics: Topics, rng: random.Random, *,
+                 resend_after: float = 10.0, max_retries: int = 3) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.rng = rng
+        self.resend_after = resend_after
+        self.max_retries = max_retries
+        self.state = "idle"
+        self.manifest: RoundManifest | None = None
+        self.stats = AgentStats()
+        self._model: tuple[int, bytes, np.ndarray] | None = None  # version, digest, vector
+        self._fetch: dict[int, np.ndarray] = {}
+        self._upload: _Upload | None = None
+        self._progress_at = 0.0
+
+    # -- inputs -----------------------------------------------------------------
+
+    def on_connect(self, now: float) -> list:
+        self._progress_at = now  # give a resumed upload a full resend window
+        return [Subscribe(self.topics.manifest, 1), Subscribe(self.topics.ack(self.device_id), 1)]
+
+    def on_message(self, topic: str, payload: bytes, now: float) -> list:
+        """Feed one broker message; bad input is counted and noted, never raised."""
+        if not payload:
+            return []  # a cleared retained message
+        try:
+            if topic == self.topics.manifest:
+                return self._on_manifest(decode(payload, RoundManifest), now)
+            if topic == self.topics.ack(self.device_id):
+                return self._on_ack(decode(payload, ShardAck), now)
+            if topic.startswith(self.topics.root + "/model/"):
+                self.stats.bytes_down += len(payload)
+                return self._on_model_shard(topic, decode(payload, ModelShard), now)
+        except ProtocolError as err:
+            self.stats.bad_messages += 1
+            return [Note("bad_message", {"topic": topic, "error": str(err)})]
+        return []  # not ours: every client filters by topic (amqtt leaks retained messages)
+
+    def on_trained(self, round_id: int, params: dict[str, np.ndarray], num_samples: int,
+                   metrics: dict[str, float], now: float) -> list:
+        m = self.manifest
+        if m is None or self.state != "training" or m.round_id != round_id or self._model is None:
+            return [Note("update_dropped", {"round": round_id, "reason": "round closed"})]
+        delta = flatten(params, m.param_spec) - self._model[2]
+        self._upload = self._encode(m, delta, num_samples, metrics)
+        self.state = "uploading"
+        self._progress_at = now
+        return self._send(range(len(self._upload.payloads)))
+
+    def tick(self, now: float) -> list:
+        up = self._upload
+        if self.state != "uploading" or up is None or now - self._progress_at < self.resend_after:
+            return []
+        self._progress_at = now
+        missing = [i for i in range(len(up.payloads)) if i not in up.held]
+        self.stats.shards_resent += len(missing)
+        return [Note("resend", {"round": up.round_id, "update": up.update_id, "shards": len(missing)})] + self._send(missing)
+
+    # -- manifest -------------------------------------------------------------------
+
+    def _on_manifest(self, m: RoundManifest, now: float) -> list:
+        if m.federation != self.topics.federation:
+            raise ProtocolError("federation", "value", f"{m.federation!r} is not {self.topics.federation!r}")
+        old = self.manifest
+        self.manifest = m
+        if m.state == "finished":
+            self.state = "finished"
+            return self._stop_fetch(old) + [Finished()]
+        same_round = old is not None and old.round_id == m.round_id and old.state == m.state == "open"
+        if same_round and old.incarnation == m.incarnation:
+            return []  # redelivered retained manifest
+        out = self._stop_fetch(old)
+        if self._upload is not None and self._upload.round_id != m.round_id:
+            out.append(Note("update_dropped", {"round": self._upload.round_id, "reason": "round closed"}))
+            self._upload = None
+        if same_round and self.state in ("uploading", "done"):
+            return out  # coordinator restarted mid-round: keep going, acks tell what it holds
+        self.state = "idle"
+        if m.state != "open" or self.device_id not in m.selected:
+            return out
+        if self._model is not None and self._model[:2] == (m.model_version, m.model_digest):
+            return out + self._train(m)
+        self.state = "fetching"
+        self._fetch = {}
+        self.stats.model_fetches += 1
+        return out + [Subscribe(self.topics.model_filter(m.model_version), 1)]
+
+    def _stop_fetch(self, old: RoundManifest | None) -> list:
+        if self.state == "fetching" and old is not None:
+            self._fetch = {}
+            return [Unsubscribe(self.topics.model_filter(old.model_version))]
+        return []
+
+    def _on_model_shard(self, topic: str, s: ModelShard, now: float) -> list:
+        m = self.manifest
+        version, index = self.topics.parse_model(topic)
+        if self.state != "fetching" or m is None or version != m.model_version:
+            return []  # an old version's shard, or one we no longer need
+        if (s.version, s.index) != (version, index):
+            raise ProtocolError("index", "topic_mismatch", f"shard {s.version}/{s.index} on topic {version}/{index}")
+        if s.num_params != m.num_params or s.count != m.model_shards or s.codec != m.model_codec:
+            raise ProtocolError("model", "layout", "shard does not match the manifest")
+        check_shard_layout(s.offset, s.length, s.index, m.shard_values, m.num_params)
+        if digest(s.data) != s.digest:
+            raise ProtocolError("digest", "digest", f"model shard {index}")
+        self._fetch[index] = get_codec(s.codec).decode(s.data, s.length)
+        if len(self._fetch) < m.model_shards:
+            return []
+        vector = np.concatenate([self._fetch[i] for i in range(m.model_shards)])
+        self._fetch = {}
+        unsub = Unsubscribe(self.topics.model_filter(version))
+        if vector_digest(vector) != m.model_digest:
+            self.state = "idle"
+            return [unsub, Note("model_digest_mismatch", {"version": version})]
+        self._model = (m.model_version, m.model_digest, vector)
+        return [unsub] + self._train(m)
+
+    def _train(self, m: RoundManifest) -> list:
+        assert self._model is not None
+        self.state = "training"
+        return [Train(m.round_id, unflatten(self._model[2], m.param_spec), dict(m.hyper))]
+
+    # -- upload -----------------------------------------------------------------
+
+    def _encode(self, m: RoundManifest, delta: np.ndarray, num_samples: int, metrics: dict[str, float]) -> _Upload:
+        codec = get_codec(m.update_codec)
+        update_id = f"u{self.rng.getrandbits(48):012x}"
+        slices = shard_slices(m.num_params, m.shard_values)
+        datas = [codec.encode(delta[off:off + n]) for off, n in slices]
+        digests = [digest(d) for d in datas]
+        whole = update_digest(digests)
+        payloads, topics = [], []
+        for i, ((off, n), data, dg) in enumerate(zip(slices, datas, digests)):
+            shard = UpdateShard(self.device_id, m.round_id, update_id, m.model_version, i, len(slices), off, n,
+                                m.num_params, codec.name, num_samples, dg, whole, data, metrics)
+            payloads.append(encode(shard))
+            topics.append(self.topics.up(self.device_id, m.round_id, update_id, i))
+        return _Upload(m.round_id, update_id, payloads, topics, delta, num_samples, metrics)
+
+    def _send(self, indices) -> list:
+        up = self._upload
+        assert up is not None and self.manifest is not None
+        qos = self.manifest.update_qos
+        out = []
+        for i in indices:
+            out.append(Publish(up.topics[i], up.payloads[i], qos, False))
+            self.stats.bytes_up += len(up.payloads[i])
+            self.stats.shards_sent += 1
+        return out
+
+    def _on_ack(self, ack: ShardAck, now: float) -> list:
+        up = self._upload
+        if ack.device != self.device_id:
+            raise ProtocolError("device", "topic_mismatch", f"ack for {ack.device!r}")
+        if up is None or self.state != "uploading" or (ack.round_id, ack.update_id) != (up.round_id, up.update_id):
+            return []  # an old round's receipt (retained), or one for an update we replaced
+        if ack.count != len(up.payloads):
+            raise ProtocolError("count", "mismatch", f"ack for {ack.count} shards, update has {len(up.payloads)}")
+        held = set(bitmap_indices(ack.held, ack.count))
+        if len(held) > len(up.held):
+            self._progress_at = now
+        up.held = held
+        if ack.status in ("accepted", "duplicate", "closed"):
+            self.state = "done"
+            self._upload = None
+            if ack.status == "accepted":
+                self.stats.rounds_accepted += 1
+            return [Note("round_done", {"round": ack.round_id, "status": ack.status})]
+        if ack.status == "rejected":
+            self.stats.updates_rejected += 1
+            if up.retries >= self.max_retries:
+                self.state, self._upload = "done", None
+                return [Note("update_given_up", {"round": ack.round_id, "reason": ack.reason})]
+            assert self.manifest is not None
+            # The coordinator forgot the bad update; send the same delta under a fresh id.
+            return [Note("update_rejected", {"round": ack.round_id, "reason": ack.reason})] + self._reencode(now)
+        return []
+
+    def _reencode(self, now: float) -> list:
+        up = self._upload
+        assert up is not None and self.manifest is not None and self._model is not None
+        fresh = self._encode(self.manifest, up.delta, up.num_samples, up.metrics)
+        fresh.retries = up.retries + 1
+        self._upload = fresh
+        self._progress_at = now
+        return self._send(range(len(fresh.payloads)))

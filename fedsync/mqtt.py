@@ -1,0 +1,247 @@
+"""The one MQTT client wrapper, used by the coordinator and the device agent.
+
+``MqttLink`` owns a paho-mqtt 2.x client and a thread that drives it with
+``Client.loop()``: we run our own loop, not ``loop_start()``, so reconnects
+use exponential backoff with full jitter (a thousand phones coming back after
+a cell outage must not reconnect in lock step) and every callback is guarded
+(paho 2: an exception in a callback stops its loop).
+
+Sessions are persistent (MQTT 3.1.1 ``clean_session=0``, fixed client id), so
+the broker keeps subscriptions and queues QoS 1/2 messages while we are away;
+paho re-sends its unacknowledged publishes on reconnect. A last will is set
+at connect. Subscriptions are re-issued on every CONNACK because a broker
+that lost its state (restart without persistence) has forgotten them.
+
+Delivery to the broker is tracked with ``on_publish`` only: paho's
+``wait_for_publish`` raises for messages queued while offline (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedsync.log import log_event
+
+log = logging.getLogger("fedsync.mqtt")
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        """``mqtt://host:port`` or ``mqtts://host:port``.
+
+        >>> BrokerAddress.parse("mqtt://127.0.0.1:1884")
+        BrokerAddress(host='127.0.0.1', port=1884, tls=False)
+        """
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        if u.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker: unsupported scheme {u.scheme!r} in {url!r} (use mqtt:// or mqtts://)")
+        tls = u.scheme == "mqtts"
+        return cls(u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class Backoff:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n)).
+
+    >>> b = Backoff(0.5, 8.0, random.Random(1)); [round(b.next(), 3) for _ in range(3)]
+    [0.067, 0.847, 1.528]
+    """
+
+    def __init__(self, base: float, cap: float, rng: random.Random) -> None:
+        self.base, self.cap, self.rng, self.attempt = base, cap, rng, 0
+
+    def next(self) -> float:
+        delay = self.rng.uniform(0.0, min(self.cap, self.base * 2.0 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class MqttLink:
+    """A persistent, self-reconnecting MQTT connection for one client id.
+
+    ``on_message(topic, payload)`` and ``on_connect()`` run on the link's
+    thread; keep them short (hand work to a queue).
+    """
+
+    def __init__(self, client_id: str, broker: str, *, on_message: MessageHandler,
+                 on_connect: Callable[[], None] | None = None,
+                 will: tuple[str, bytes, int, bool] | None = None,
+                 credentials: Credentials = Credentials(), keepalive: int = 15,
+                 clean_session: bool = False, max_inflight: int = 32,
+                 backoff: Backoff | None = None, manual_ack: bool = False) -> None:
+        self.client_id = client_id
+        self.address = BrokerAddress.parse(broker)
+        self.keepalive = keepalive
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._subs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = backoff or Backoff(0.2, 15.0, random.Random())
+        self.connects = 0
+        self.published_ok = 0
+        self.last_refusal: str | None = None
+
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                        protocol=paho.MQTTv311, manual_ack=manual_ack)
+        if credentials.username is not None:
+            c.username_pw_set(credentials.username, credentials.password)
+        if self.address.tls or credentials.ca_file:
+            c.tls_set(ca_certs=credentials.ca_file, certfile=credentials.cert_file,
+                      keyfile=credentials.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            c.will_set(*will)
+        c.max_inflight_messages_set(max_inflight)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.on_publish = self._handle_publish
+        self.client = c
+
+    # -- public API --------------------------------------------------------------
+
+    def start(self) -> "MqttLink":
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queue a publish; paho sends it now or after the next reconnect."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain).mid
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if self.connected.is_set():
+            self.client.unsubscribe(topic_filter)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Manual acknowledgement (``manual_ack=True``): send PUBACK/PUBREC now."""
+        self.client.ack(mid, qos)
+
+    def stop(self, disconnect: bool = True, timeout: float = 5.0) -> None:
+        """Stop the loop. ``disconnect=False`` drops the socket without DISCONNECT,
+        so the broker publishes the last will (a crash, as the broker sees it)."""
+        if disconnect and self.connected.is_set():
+            self.client.disconnect()
+            deadline = time.monotonic() + 2.0
+            while self.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def drop_connection(self) -> None:
+        """Close the socket abruptly (no DISCONNECT): for fault tests."""
+        sock = self.client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            if not self._is_open():
+                try:
+                    if first:
+                        self.client.connect(self.address.host, self.address.port, self.keepalive)
+                        first = False
+                    else:
+                        self.client.reconnect()
+                except (OSError, ssl.SSLError) as exc:
+                    delay = self._backoff.next()
+                    log_event(log, "connect_failed", logging.DEBUG, client=self.client_id, error=exc, retry_in=delay)
+                    self._stop.wait(delay)
+                    continue
+            rc = self.client.loop(timeout=0.1)
+            if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                self.connected.clear()
+                delay = self._backoff.next()
+                log_event(log, "link_down", logging.DEBUG, client=self.client_id, rc=rc, retry_in=delay)
+                self._stop.wait(delay)
+
+    def _is_open(self) -> bool:
+        return self.client.socket() is not None
+
+    # -- paho callbacks (each guarded: an exception would stop the loop) -------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_refusal = str(reason_code)
+            log_event(log, "connect_refused", logging.WARNING, client=self.client_id, reason=reason_code)
+            return
+        self.connects += 1
+        self._backoff.reset()
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic_filter, qos in subs:
+            client.subscribe(topic_filter, qos)
+        self.connected.set()
+        log_event(log, "connected", logging.DEBUG, client=self.client_id, session_present=flags.session_present)
+        if self._on_connect is not None:
+            self._guard(self._on_connect)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+
+    def _handle_message(self, client, userdata, msg) -> None:
+        self._guard(self._on_message, msg.topic, bytes(msg.payload))
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.published_ok += 1
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - must never escape into paho's loop
+            log.exception("callback_failed client=%s", self.client_id)
