@@ -1,0 +1,179 @@
+"""The device agent's MQTT adapter; one process can host many simulated devices.
+
+Each device has its own :class:`MqttLink` (own client id, session and last
+will) and its own :class:`AgentCore`. One dispatcher thread owns every core:
+paho threads only enqueue, and training runs on a small thread pool whose
+results come back through the same queue. So a core is only ever touched by
+one thread, and 100 devices cost 100 sockets, not 100 processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_agent.agent import AgentCore, Finished, Note, Train
+from device_agent.trainer import Trainer
+from fedsync.actions import Publish, Subscribe, Unsubscribe
+from fedsync.log import log_event
+from fedsync.messages import PeerStatus, encode
+from fedsync.mqtt import Backoff, Credentials, MqttLink
+from fedsync.topics import Topics
+
+log = logging.getLogger("fedsync.agent")
+
+
+@dataclass(slots=True)
+class DeviceSpec:
+    """One hosted device: its id, its trainer and how it logs in."""
+
+    device_id: str
+    trainer: Trainer
+    credentials: Credentials = field(default_factory=Credentials)
+    train_delay: float = 0.0  # extra seconds per fit, to simulate a slow phone
+
+
+@dataclass(slots=True)
+class _Device:
+    spec: DeviceSpec
+    core: AgentCore
+    link: MqttLink
+    rng: np.random.Generator
+    finished: bool = False
+    killed: bool = False
+
+
+class AgentHost:
+    """Runs one or many device agents against a broker.
+
+    >>> # host = AgentHost("mqtt://127.0.0.1:1883", Topics("demo"), [DeviceSpec("dev-0", trainer)])
+    >>> # host.start(); host.wait_finished(600); host.stop()
+    """
+
+    def __init__(self, broker: str, topics: Topics, devices: list[DeviceSpec], *, seed: int = 0,
+                 keepalive: int = 15, resend_after: float = 10.0, train_workers: int = 2,
+                 tick_interval: float = 0.2) -> None:
+        self.topics = topics
+        self.tick_interval = tick_interval
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=train_workers, thread_name_prefix="train")
+        self._thread: threading.Thread | None = None
+        self.devices: dict[str, _Device] = {}
+        for i, spec in enumerate(devices):
+            core = AgentCore(spec.device_id, topics, random.Random(f"{seed}:{spec.device_id}"),
+                             resend_after=resend_after)
+            offline = encode(PeerStatus(spec.device_id, "offline"))
+            link = MqttLink(spec.device_id, broker,
+                            on_message=lambda t, p, d=spec.device_id: self._inbox.put(("msg", d, t, p)),
+                            on_connect=lambda d=spec.device_id: self._inbox.put(("connect", d)),
+                            will=(topics.status(spec.device_id), offline, 1, True),
+                            credentials=spec.credentials, keepalive=keepalive,
+                            backoff=Backoff(0.2, 15.0, random.Random(f"backoff:{seed}:{spec.device_id}")))
+            self.devices[spec.device_id] = _Device(spec, core, link, np.random.default_rng([seed, i]))
+        self.all_finished = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "AgentHost":
+        self._thread = threading.Thread(target=self._run, name="agent-host", daemon=True)
+        self._thread.start()
+        for d in self.devices.values():
+            d.link.start()
+        return self
+
+    def wait_finished(self, timeout: float) -> bool:
+        return self.all_finished.wait(timeout)
+
+    def stop(self) -> None:
+        for d in self.devices.values():
+            if not d.killed and d.link.connected.is_set():
+                d.link.publish(self.topics.status(d.spec.device_id), encode(PeerStatus(d.spec.device_id, "offline")), 1, True)
+        for d in self.devices.values():
+            if not d.killed:
+                d.link.stop(disconnect=True)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def kill(self, device_id: str) -> None:
+        """Simulate a crash: drop the socket with no DISCONNECT, so the broker fires the last will."""
+        d = self.devices[device_id]
+        d.killed = True
+        d.link.stop(disconnect=False)
+        self._check_finished()
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for d in self.devices.values():
+            for k in d.core.stats.__slots__:
+                total[k] = total.get(k, 0) + getattr(d.core.stats, k)
+        return total
+
+    # -- the dispatcher --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = None
+            now = time.time()
+            if item is not None:
+                kind, device_id = item[0], item[1]
+                d = self.devices[device_id]
+                if d.killed:
+                    continue
+                if kind == "msg":
+                    self._execute(d, d.core.on_message(item[2], item[3], now))
+                elif kind == "connect":
+                    d.link.publish(self.topics.status(device_id), encode(PeerStatus(device_id, "online")), 1, True)
+                    self._execute(d, d.core.on_connect(now))
+                elif kind == "trained":
+                    round_id, result = item[2], item[3]
+                    self._execute(d, d.core.on_trained(round_id, result.params, result.num_samples,
+                                                       result.metrics, now))
+            if time.monotonic() >= next_tick:
+                for d in self.devices.values():
+                    if not d.killed:
+                        self._execute(d, d.core.tick(now))
+                next_tick = time.monotonic() + self.tick_interval
+
+    def _execute(self, d: _Device, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Publish):
+                d.link.publish(a.topic, a.payload, a.qos, a.retain)
+            elif isinstance(a, Subscribe):
+                d.link.subscribe(a.topic_filter, a.qos)
+            elif isinstance(a, Unsubscribe):
+                d.link.unsubscribe(a.topic_filter)
+            elif isinstance(a, Train):
+                self._pool.submit(self._train, d, a)
+            elif isinstance(a, Finished):
+                d.finished = True
+                self._check_finished()
+            elif isinstance(a, Note):
+                log_event(log, a.event, logging.DEBUG, device=d.spec.device_id, **a.fields)
+
+    def _train(self, d: _Device, a: Train) -> None:
+        try:
+            if d.spec.train_delay:
+                time.sleep(d.spec.train_delay)
+            result = d.spec.trainer.fit(a.params, a.hyper, d.rng)
+        except Exception:  # noqa: BLE001 - a user trainer's bug must not kill the host
+            log.exception("trainer_failed device=%s round=%s", d.spec.device_id, a.round_id)
+            return
+        self._inbox.put(("trained", d.spec.device_id, a.round_id, result))
+
+    def _check_finished(self) -> None:
+        if all(d.finished or d.killed for d in self.devices.values()):
+            self.all_finished.set()
