@@ -1,0 +1,449 @@
+"""A managed MQTT broker subprocess on 127.0.0.1, for tests, the demo and benchmarks.
+
+Theory of operation
+-------------------
+``BrokerProcess`` owns one broker process (amqtt via ``python -m
+broker_config.embedded``, or mosquitto with a generated config) and one working
+directory holding everything that process reads or writes::
+
+    workdir/
+        broker.log          the broker's stdout+stderr, appended across restarts
+        amqtt.passwd        amqtt users (username:argon2id-hash)      [amqtt]
+        mosquitto.conf      rendered from mosquitto.conf.template     [mosquitto]
+        mosquitto.passwd    mosquitto users (mosquitto_passwd -U)     [mosquitto]
+        mosquitto.acl       copy of the ACL file passed in            [mosquitto]
+        data/               mosquitto persistence                     [mosquitto]
+
+The port is chosen once, in the constructor, and the working directory once, at the
+first ``start``; ``restart`` and ``start`` after ``kill`` reuse both, so clients
+reconnect to the same URL and mosquitto finds its persisted retained messages and
+sessions. ``stop`` ends the process and removes a working directory it created itself.
+
+Readiness is "the broker printed its ready line and the port accepts connections"; a
+process that exits or is not ready within ``start_timeout`` raises ``RuntimeError``
+carrying the tail of its log.
+
+mosquitto started as root drops to the ``mosquitto`` user *before* it opens the password
+file, the ACL file and the persistence directory (measured with 2.0.11), so those are
+chowned to ``mosquitto``. If that user cannot even traverse to the working directory
+(for example a pytest ``tmp_path`` under a 0700 directory), the config says ``user root``
+instead and the broker keeps root's privileges: acceptable on loopback in a test, and
+never what the rendered production config does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+
+BrokerKind = Literal["amqtt", "mosquitto"]
+
+HOST = "127.0.0.1"
+LOG_TAIL_LINES = 40
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    Another process may take it before the broker binds; ``BrokerProcess.start`` then
+    fails with the broker's bind error in its message.
+
+    >>> 0 < free_port() < 65536
+    True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _find_program(name: str) -> str | None:
+    # mosquitto installs into sbin, which is often not on a normal user's PATH.
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN_DIRS:
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def mosquitto_available() -> bool:
+    """True if the mosquitto broker and mosquitto_passwd can be run here."""
+    return _find_program("mosquitto") is not None and _find_program("mosquitto_passwd") is not None
+
+
+def render_mosquitto_conf(
+    port: int,
+    data_dir: str,
+    password_file: str | None,
+    acl_file: str | None,
+    max_packet_size: int = 8 * 1024 * 1024,
+    max_queued_messages: int = 100_000,
+    *,
+    max_queued_bytes: int = 0,
+    user: str | None = None,
+) -> str:
+    """Return a mosquitto 2.0 configuration listening on 127.0.0.1:``port``.
+
+    ``password_file`` turns anonymous login off; ``acl_file`` restricts topics per user;
+    ``user`` overrides the account mosquitto drops to when started as root. Every
+    setting is explained in ``mosquitto.conf.template``.
+
+    >>> conf = render_mosquitto_conf(1883, "/var/lib/fedsync/mosquitto", "/etc/fedsync/passwd", None)
+    >>> "listener 1883 127.0.0.1" in conf and "allow_anonymous false" in conf
+    True
+    """
+    for name, value in (("port", port), ("max_packet_size", max_packet_size),
+                        ("max_queued_messages", max_queued_messages)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(max_queued_bytes, int) or max_queued_bytes < 0:
+        raise ValueError(f"max_queued_bytes must be an int >= 0 (0 = no limit), got {max_queued_bytes!r}")
+    for name, value in (("data_dir", data_dir), ("password_file", password_file),
+                        ("acl_file", acl_file), ("user", user)):
+        # mosquitto reads one option per line and takes the rest of the line as the value.
+        if value is not None and ("\n" in value or "\r" in value):
+            raise ValueError(f"{name} must not contain a line break: {value!r}")
+
+    template = string.Template(
+        resources.files("broker_config").joinpath("mosquitto.conf.template").read_text(encoding="utf-8"))
+    return template.substitute(
+        port=port,
+        # mosquitto appends the file name to this path verbatim: it must end with "/".
+        persistence_location=data_dir if data_dir.endswith("/") else data_dir + "/",
+        allow_anonymous="false" if password_file else "true",
+        password_file_line=f"password_file {password_file}" if password_file
+        else "# no password_file: anonymous login",
+        acl_file_line=f"acl_file {acl_file}" if acl_file else "# no acl_file: every user may use every topic",
+        max_packet_size=max_packet_size,
+        max_queued_messages=max_queued_messages,
+        max_queued_bytes=max_queued_bytes,
+        user_line=f"user {user}" if user else "# user: mosquitto's default (drops root to 'mosquitto')",
+    )
+
+
+def write_mosquitto_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) -> None:
+    """Write a mosquitto password file granting ``users`` (name -> password).
+
+    Uses ``mosquitto_passwd -U`` on a plain-text file, which hashes all users in one
+    run and keeps the passwords off the command line (``-b`` would show them in ps).
+    """
+    program = _find_program("mosquitto_passwd")
+    if program is None:
+        raise RuntimeError("mosquitto_passwd not found; install the mosquitto package")
+    lines = []
+    for username, password in users.items():
+        if not username or ":" in username or "\n" in username or "\n" in password:
+            raise ValueError(f"user {username!r} cannot be stored in a mosquitto password file")
+        lines.append(f"{username}:{password}\n")
+    path = os.fspath(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    result = subprocess.run([program, "-U", path], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"mosquitto_passwd -U {path} failed: {result.stderr.strip() or result.stdout.strip()}")
+
+
+@functools.lru_cache(maxsize=8)
+def _amqtt_password_text(users: tuple[tuple[str, str], ...]) -> str:
+    # Argon2 hashing costs ~50 ms per user; tests start a broker per test with the same
+    # 33 users, so the salted hashes are computed once per process and reused.
+    from broker_config.embedded import format_password_file
+
+    return format_password_file(dict(users))
+
+
+def _mosquitto_ids() -> tuple[int, int, list[int]] | None:
+    try:
+        entry = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid, os.getgrouplist("mosquitto", entry.pw_gid)
+
+
+def _can_traverse(path: Path, uid: int, gids: list[int]) -> bool:
+    """True if ``uid`` can reach entries inside ``path`` (search permission on every dir)."""
+    for d in (path, *path.parents):
+        st = d.stat()
+        if st.st_uid == uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in gids:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return False
+    return True
+
+
+class BrokerProcess:
+    """A broker subprocess on 127.0.0.1 that a test, the demo or a benchmark controls.
+
+    >>> with BrokerProcess("amqtt", users={"coordinator": "pw"}) as broker:  # doctest: +SKIP
+    ...     client.username_pw_set("coordinator", "pw")
+    ...     client.connect(broker.host, broker.port)
+    """
+
+    def __init__(
+        self,
+        kind: BrokerKind,
+        port: int | None = None,
+        users: Mapping[str, str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        acl_file: str | None = None,
+        *,
+        start_timeout: float = 15.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        if kind not in ("amqtt", "mosquitto"):
+            raise ValueError(f"kind must be 'amqtt' or 'mosquitto', got {kind!r}")
+        if acl_file is not None and kind != "mosquitto":
+            # amqtt's ACL plugin does not stop retained messages reaching non-subscribers
+            # (DESIGN.md), so accepting an ACL here would promise isolation it cannot give.
+            raise ValueError("acl_file is supported for mosquitto only")
+        self.kind: BrokerKind = kind
+        self._port = port if port is not None else free_port()
+        self._users = dict(users) if users else None
+        self._acl_source = acl_file
+        self._given_workdir = workdir
+        self._workdir: Path | None = Path(workdir) if workdir else None
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # -- addresses -------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{HOST}:{self._port}"
+
+    @property
+    def workdir(self) -> Path | None:
+        return self._workdir
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._workdir / "broker.log" if self._workdir else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the broker and wait until it accepts connections (RuntimeError if not)."""
+        if self.is_running():
+            raise RuntimeError(f"{self.kind} broker on port {self._port} is already running")
+        self._reap()
+        fresh_tempdir = self._workdir is None
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"fedsync-{self.kind}-"))
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn()
+        except BaseException:
+            self._terminate(graceful=False)
+            if fresh_tempdir:
+                # Nothing worth keeping yet; the error message carries the log tail.
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM the broker (SIGKILL after stop_timeout), reap it, remove a temp workdir."""
+        self._terminate(graceful=True)
+        if self._given_workdir is None and self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash, for fault tests); ``start`` brings it back."""
+        self._terminate(graceful=False)
+
+    def restart(self) -> None:
+        """Stop the broker cleanly and start it again on the same port and workdir."""
+        self._terminate(graceful=True)
+        self.start()
+
+    def __enter__(self) -> BrokerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"BrokerProcess({self.kind!r}, port={self._port}, {state})"
+
+    # -- internals -------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        assert self._workdir is not None
+        argv, ready_marker = self._prepare_amqtt() if self.kind == "amqtt" else self._prepare_mosquitto()
+        log_path = self._workdir / "broker.log"
+        log_offset = log_path.stat().st_size if log_path.exists() else 0
+        self._log = open(log_path, "ab")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            argv, cwd=self._workdir, env=env, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C meant for the test runner must not kill the broker
+            # behind BrokerProcess's back; stop() ends it deliberately.
+            start_new_session=True,
+        )
+        # Last resort if the owner forgets stop(): kill the broker at interpreter exit.
+        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc)
+        self._wait_ready(log_path, log_offset, ready_marker)
+
+    def _prepare_amqtt(self) -> tuple[list[str], bytes]:
+        assert self._workdir is not None
+        argv = [sys.executable, "-m", "broker_config.embedded", "--host", HOST, "--port", str(self._port)]
+        if self._users:
+            passwd = self._workdir / "amqtt.passwd"
+            text = _amqtt_password_text(tuple(sorted(self._users.items())))
+            fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            argv += ["--password-file", str(passwd)]
+        return argv, b"broker_ready"
+
+    def _prepare_mosquitto(self) -> tuple[list[str], bytes]:
+        assert self._workdir is not None
+        program = _find_program("mosquitto")
+        if program is None:
+            raise RuntimeError("mosquitto not found; install the mosquitto package or use kind='amqtt'")
+        data_dir = self._workdir / "data"
+        data_dir.mkdir(exist_ok=True)
+        passwd = acl = None
+        if self._users:
+            passwd = self._workdir / "mosquitto.passwd"
+            write_mosquitto_password_file(passwd, self._users)
+        if self._acl_source:
+            # A copy inside workdir: re-read on every (re)start and reachable by the
+            # mosquitto user wherever the original lives.
+            acl = self._workdir / "mosquitto.acl"
+            shutil.copyfile(self._acl_source, acl)
+            os.chmod(acl, 0o600)
+
+        user = None
+        ids = _mosquitto_ids() if os.geteuid() == 0 else None
+        if ids is not None:
+            uid, gid, gids = ids
+            if self._given_workdir is None:
+                os.chown(self._workdir, uid, gid)  # our own temp dir (mode 0700)
+            if _can_traverse(self._workdir, uid, gids):
+                for path in (data_dir, *data_dir.iterdir(), passwd, acl):
+                    if path is not None:
+                        os.chown(path, uid, gid)
+            else:
+                user = "root"
+        conf = self._workdir / "mosquitto.conf"
+        conf.write_text(render_mosquitto_conf(
+            self._port, str(data_dir), str(passwd) if passwd else None, str(acl) if acl else None,
+            user=user), encoding="utf-8")
+        return [program, "-c", str(conf)], b" running"
+
+    def _wait_ready(self, log_path: Path, log_offset: int, marker: bytes) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self._start_timeout
+        seen_marker = False
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.kind} broker exited with status {self._proc.returncode} while starting "
+                    f"on {HOST}:{self._port}; log tail:\n{self._log_tail(log_path)}")
+            if not seen_marker:
+                with open(log_path, "rb") as f:
+                    f.seek(log_offset)
+                    seen_marker = marker in f.read()
+            # amqtt logs an error for a connection that sends no CONNECT, so it is not
+            # probed: its ready line is printed only after the listener is bound.
+            if seen_marker and (self.kind == "amqtt" or _port_accepts(self._port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"{self.kind} broker did not accept connections on {HOST}:{self._port} within "
+            f"{self._start_timeout:.0f} s; log tail:\n{self._log_tail(log_path)}")
+
+    def _terminate(self, *, graceful: bool) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            if graceful:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self._stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            else:
+                proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @staticmethod
+    def _log_tail(log_path: Path) -> str:
+        try:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        return "\n".join(lines[-LOG_TAIL_LINES:]) or "(log empty)"
+
+
+def _port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
