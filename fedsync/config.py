@@ -55,6 +55,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             raise ConfigError(f"{where}: unknown section [{name}]; known: {sorted(sections)}")
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
+        if getattr(hints[name], "__origin__", None) is dict:  # a free-form table of numbers
+            default = sections[name].default_factory()  # type: ignore[misc]
+            kwargs[name] = {**default, **{k: _coerce(float, v, f"{where} [{name}] {k}") for k, v in body.items()}}
+            continue
         kwargs[name] = _section(hints[name], body, f"{where} [{name}]")
     return cls(**kwargs)
 
