@@ -1,0 +1,268 @@
+"""The ``fedsync`` command line (argparse: the device install stays small).
+
+Sub-commands: broker, coordinator, agent, status, demo. Each service reads
+one TOML file (``--config``); flags override it. Passwords come from files,
+never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+
+from fedsync.config import BrokerSection, ConfigError, credentials_from, load_config
+from fedsync.log import configure, log_event
+
+log = logging.getLogger("fedsync.cli")
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (overrides [broker] url)")
+    p.add_argument("--username", help="broker user (default: the client id)")
+    p.add_argument("--password-file", help="file whose first line is the broker password")
+    p.add_argument("--ca-file", help="CA bundle for TLS")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--log-level", default=None, help="debug, info, warning")
+
+
+def _broker_overrides(a: argparse.Namespace) -> dict:
+    return {"broker.url": a.broker, "broker.username": a.username,
+            "broker.password_file": a.password_file, "broker.ca_file": a.ca_file}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsync", description="Federated-learning parameter sync over MQTT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded amqtt broker (demos and labs; mosquitto in the field)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--users", help="file of 'name:password' lines; without it, anonymous login is allowed")
+
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    _broker_flags(p)
+    p.add_argument("--federation")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--target", type=int)
+    p.add_argument("--quorum", type=int)
+    p.add_argument("--min-devices", type=int)
+    p.add_argument("--round-timeout", type=float)
+
+    p = sub.add_parser("agent", help="run one device agent (built-in synthetic data)")
+    _broker_flags(p)
+    p.add_argument("--device-id")
+    p.add_argument("--federation")
+
+    p = sub.add_parser("status", help="print the retained manifest and device presence")
+    _broker_flags(p)
+    p.add_argument("--federation", default="demo")
+    p.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")
+
+    p = sub.add_parser("demo", help="run a whole federation on loopback")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--broker-kind", choices=["amqtt", "mosquitto"], default="amqtt")
+    p.add_argument("--codec", default="zstd", help="update codec (see docs/protocol.md)")
+    p.add_argument("--kill", type=int, default=0, help="devices to kill after the first round")
+    p.add_argument("--plot", help="write accuracy per round as a PNG here")
+    p.add_argument("--json", action="store_true", help="last line of stdout: the summary as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"fedsync: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def cmd_broker(a: argparse.Namespace) -> int:
+    import tempfile
+
+    from broker_config.embedded import run_embedded, write_password_file
+
+    configure("info")
+    if a.users is None:
+        log_event(log, "anonymous_broker", logging.WARNING, note="no --users: anyone who reaches the port may connect")
+        run_embedded(a.host, a.port, None)
+        return 0
+    users = {}
+    for n, line in enumerate(open(a.users).read().splitlines(), 1):
+        if line.strip() and not line.startswith("#"):
+            name, sep, pw = line.partition(":")
+            if not sep:
+                raise ConfigError(f"{a.users}:{n}: expected 'name:password'")
+            users[name.strip()] = pw.strip()
+    with tempfile.TemporaryDirectory() as d:
+        write_password_file(f"{d}/passwd", users)
+        run_embedded(a.host, a.port, f"{d}/passwd")
+    return 0
+
+
+def cmd_coordinator(a: argparse.Namespace) -> int:
+    import random
+    import time
+
+    import numpy as np
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.core import CoordinatorCore
+    from coordinator.service import CoordinatorService
+    from device_agent.models import build_model
+    from fedsync.topics import Topics
+
+    cfg = load_config(CoordinatorConfig, a.config, {
+        **_broker_overrides(a), "federation.name": a.federation, "round.rounds": a.rounds,
+        "round.target": a.target, "round.quorum": a.quorum, "round.min_devices": a.min_devices,
+        "round.round_timeout": a.round_timeout, "coordinator.log_level": a.log_level})
+    configure(cfg.coordinator.log_level)
+    m = cfg.model
+    model = build_model(m.kind, m.dim, m.classes, m.hidden)
+    params = model.init_params(np.random.default_rng(m.seed))
+    incarnation = time.time_ns() & ((1 << 62) - 1)
+    core = CoordinatorCore(Topics(cfg.federation.name), params, cfg.round, hyper=cfg.train,
+                           incarnation=incarnation, rng=random.Random(cfg.coordinator.seed))
+    service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
+                                 client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
+                                 tick_interval=cfg.coordinator.tick_interval)
+    stop = threading.Event()
+    service.on_event = lambda e: stop.set() if core.finished else None
+    log_event(log, "coordinator_start", broker=cfg.broker.url, federation=cfg.federation.name,
+              params=core.vector.size, rounds=cfg.round.rounds)
+    service.start()
+    _wait_for_signal(stop)
+    service.stop()
+    s = core.stats
+    log_event(log, "coordinator_stop", rounds_committed=s.rounds_committed, rounds_abandoned=s.rounds_abandoned,
+              updates_accepted=s.updates_accepted, duplicates_dropped=s.duplicates_dropped,
+              shards_rejected=s.shards_rejected)
+    return 0
+
+
+def cmd_agent(a: argparse.Namespace) -> int:
+    from device_agent.config import AgentConfig
+    from device_agent.data import synthetic_federation
+    from device_agent.models import build_model
+    from device_agent.service import AgentHost, DeviceSpec
+    from device_agent.trainer import NumpyTrainer
+    from fedsync.topics import Topics
+
+    cfg = load_config(AgentConfig, a.config, {**_broker_overrides(a), "agent.device_id": a.device_id,
+                                              "federation.name": a.federation, "agent.log_level": a.log_level})
+    configure(cfg.agent.log_level)
+    device_id = cfg.agent.device_id
+    if not device_id:
+        raise ConfigError("agent.device_id: required (--device-id or [agent] device_id)")
+    d = cfg.data
+    index = d.index
+    if index is None:
+        match = re.search(r"(\d+)$", device_id)
+        if match is None:
+            raise ConfigError(f"data.index: not set and device id {device_id!r} has no trailing number")
+        index = int(match.group(1))
+    if not 0 <= index < d.num_devices:
+        raise ConfigError(f"data.index: {index} not in [0, {d.num_devices})")
+    data = synthetic_federation(d.alpha, d.beta, num_devices=d.num_devices, seed=d.seed)[index]
+    trainer = NumpyTrainer(build_model(d.model, data.x_train.shape[1], 10, d.hidden), data)
+    host = AgentHost(cfg.broker.url, Topics(cfg.federation.name),
+                     [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id))],
+                     seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after)
+    log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, samples=data.num_train)
+    host.start()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (host.wait_finished(1e9), stop.set()), daemon=True).start()
+    _wait_for_signal(stop)
+    host.stop()
+    log_event(log, "agent_stop", device=device_id, **host.stats())
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import secrets
+    import time
+
+    from fedsync.errors import ProtocolError
+    from fedsync.messages import PeerStatus, RoundManifest, decode
+    from fedsync.mqtt import MqttLink
+    from fedsync.topics import Topics
+
+    cfg = load_config(_StatusConfig, a.config, _broker_overrides(a))
+    configure(a.log_level or "warning")
+    topics = Topics(a.federation)
+    seen: dict[str, bytes] = {}
+    client_id = f"fedsync-status-{secrets.token_hex(3)}"
+    link = MqttLink(client_id, cfg.broker.url, on_message=lambda t, p: seen.__setitem__(t, p),
+                    credentials=credentials_from(cfg.broker, None), clean_session=True,
+                    keepalive=cfg.broker.keepalive)
+    link.subscribe(topics.manifest, 1)
+    link.subscribe(topics.status_filter, 1)
+    link.subscribe(topics.coordinator_status, 1)
+    link.start()
+    if not link.wait_connected(10):
+        print(f"fedsync status: cannot connect to {cfg.broker.url} ({link.last_refusal or 'no answer'})", file=sys.stderr)
+        link.stop(disconnect=False)
+        return 1
+    time.sleep(a.wait)
+    link.stop()
+    out = []
+    for topic, payload in sorted(seen.items()):
+        if not payload:
+            continue
+        try:
+            if topic == topics.manifest:
+                m: RoundManifest = decode(payload, RoundManifest)
+                out.append(f"manifest: round {m.round_id} {m.state}, model v{m.model_version} "
+                           f"({m.num_params} params, {m.model_shards} shards, codec {m.update_codec}), "
+                           f"selected {len(m.selected)}, target {m.target}, quorum {m.quorum}")
+            elif topic == topics.coordinator_status:
+                s = decode(payload, PeerStatus)
+                out.append(f"coordinator: {s.state} (incarnation {s.incarnation})")
+            elif topic.startswith(topics.root + "/status/"):
+                s = decode(payload, PeerStatus)
+                out.append(f"device {s.peer}: {s.state}")
+        except ProtocolError as err:
+            out.append(f"{topic}: undecodable ({err})")
+    if not out:
+        out.append(f"no retained fedsync state for federation {a.federation!r}")
+    print("\n".join(out))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from coordinator.demo import DemoOptions, run_demo
+
+    configure("warning")
+    summary = run_demo(DemoOptions(devices=a.devices, rounds=a.rounds, seed=a.seed, broker_kind=a.broker_kind,
+                                   update_codec=a.codec, json=a.json, plot=a.plot, kill=a.kill))
+    return 0 if summary["finished"] else 1
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusConfig:
+    broker: BrokerSection = BrokerSection()
+
+
+_COMMANDS = {"broker": cmd_broker, "coordinator": cmd_coordinator, "agent": cmd_agent,
+             "status": cmd_status, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
