@@ -42,8 +42,11 @@ from fedsync.actions import Publish
 from fedsync.codecs import get_codec
 from fedsync.errors import ProtocolError
 from fedsync.messages import ModelShard, PeerStatus, RoundManifest, ShardAck, UpdateShard, decode, encode
-from fedsync.params import ParamSpec, digest, shard_slices, spec_size, vector_digest
+from fedsync.params import ParamSpec, bitmap, digest, shard_slices, spec_size, vector_digest
 from fedsync.topics import Topics
+
+
+RECENT_ROUNDS = 4  # closed rounds whose accepted update ids are remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,8 @@ class CoordinatorCore:
         self.next_round_id = first_round_id
         self.finished = False
         self._strategy_factory = strategy_factory or (lambda n: FedAvg(n))
+        # Accepted update ids of the last few closed rounds, so late redeliveries count as duplicates.
+        self._recent: dict[int, dict[str, str]] = {}
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
     # -- inputs -------------------------------------------------------------
@@ -177,6 +182,12 @@ class CoordinatorCore:
             raise ProtocolError("topic", "topic_mismatch", "payload names another device, round, update or shard")
         r = self.round
         if r is None or shard.round_id != r.manifest.round_id:
+            if self._recent.get(shard.round_id, {}).get(shard.device) == shard.update_id:
+                # A late redelivery of an update this coordinator already counted: a duplicate, not an attack.
+                self.stats.duplicates_dropped += 1
+                ack = ShardAck(shard.device, shard.round_id, shard.update_id, shard.count,
+                               bitmap(range(shard.count), shard.count), "accepted")
+                return [self._ack_publish(ack)]
             self._reject("stale_round")
             ack = ShardAck(shard.device, shard.round_id, shard.update_id, shard.count,
                            bytes((shard.count + 7) // 8), "closed", "round is not open")
@@ -271,6 +282,9 @@ class CoordinatorCore:
         assert r is not None
         self.round = None
         accepted = tuple(sorted(r.assembler.accepted_devices))
+        self._recent[r.manifest.round_id] = {d: r.assembler.accepted_update(d) for d in accepted}
+        for old_round in sorted(self._recent)[:-RECENT_ROUNDS]:
+            del self._recent[old_round]
         committed = len(accepted) >= r.manifest.quorum
         new_vector = r.strategy.finish(self.vector) if committed else None
         out: list = []

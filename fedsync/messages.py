@@ -15,6 +15,7 @@ Nothing here touches the network or the clock.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar
@@ -383,10 +384,13 @@ def decode(payload: bytes, expect: type[_Message] | None = None) -> Any:
         raise ProtocolError("payload", "size", f"{len(payload)} bytes > {MAX_PAYLOAD}")
     if not payload:
         raise ProtocolError("payload", "empty")
+    fp = io.BytesIO(payload)
     try:
-        body = cbor2.loads(bytes(payload))
+        body = cbor2.CBORDecoder(fp).decode()
     except Exception as exc:  # cbor2 raises several types; all mean "not CBOR"
         raise ProtocolError("payload", "cbor", str(exc)[:120]) from None
+    if fp.tell() != len(payload):
+        raise ProtocolError("payload", "trailing_bytes", f"{len(payload) - fp.tell()} bytes after the CBOR item")
     if not isinstance(body, dict):
         raise ProtocolError("payload", "type", f"expected CBOR map, got {type(body).__name__}")
     version = body.get("v")

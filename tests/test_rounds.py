@@ -1,0 +1,228 @@
+"""Round scenarios on the sans-IO cores over an in-memory broker (exact counts, exact values)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from coordinator.core import CoordinatorCore, RejectedInput, RoundPolicy
+from fedsync.actions import Publish
+from fedsync.messages import RoundManifest, ShardAck, UpdateShard, decode, encode
+from fedsync.params import flatten
+from fedsync.topics import Topics
+from tests.sim import Sim, offset_trainer
+
+DEVICES = ["dev-0", "dev-1", "dev-2"]
+OFFSETS = {"dev-0": 1.0, "dev-1": 2.0, "dev-2": 4.0}
+SAMPLES = {"dev-0": 10, "dev-1": 30, "dev-2": 60}
+# FedAvg of the offsets weighted by samples: (10*1 + 30*2 + 60*4) / 100
+EXPECTED_STEP = (10 * 1 + 30 * 2 + 60 * 4) / 100
+
+
+def make_sim(policy: RoundPolicy, devices=DEVICES, shard_values: int = 5) -> Sim:
+    sim = Sim(devices, replace(policy, shard_values=shard_values))
+    sim.trainers = {d: offset_trainer(OFFSETS.get(d, 1.0), SAMPLES.get(d, 10)) for d in devices}
+    return sim
+
+
+def test_full_round_commits_with_the_exact_weighted_average():
+    sim = make_sim(RoundPolicy(rounds=2, target=3, quorum=2, min_devices=3))
+    sim.start()
+    sim.settle()
+    closed = sim.closed()
+    assert [c.outcome for c in closed] == ["committed", "committed"]
+    assert [c.accepted for c in closed] == [tuple(DEVICES)] * 2
+    s = sim.coord.stats
+    assert (s.updates_accepted, s.duplicates_dropped, s.shards_rejected) == (6, 0, 0)
+    # 16 params in shards of 5 -> 4 shards per update, 3 devices, 2 rounds
+    assert s.shards_accepted == 24
+    assert np.allclose(sim.coord.vector, 2 * EXPECTED_STEP, atol=1e-6)
+    assert sim.coord.version == 2
+    assert sim.finished == set(DEVICES)
+    assert decode(sim.retained[sim.topics.manifest], RoundManifest).state == "finished"
+    # old model versions were cleared from the retained store, the current one is there
+    assert sorted(t for t in sim.retained if "/model/" in t) == [f"fedsync/sim/model/2/{i}" for i in range(4)]
+
+
+def test_duplicated_and_reordered_deliveries_count_once():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    rng = random.Random(7)
+    dup_count = 0
+
+    def hook(sender, p: Publish):
+        nonlocal dup_count
+        if "/up/" in p.topic:
+            copies = rng.choice([1, 2, 3])
+            dup_count += copies - 1
+            return [p] * copies
+        return [p]
+
+    sim.on_publish = hook
+    sim.start()
+    # shuffle the queue each step: reordering
+    while sim.queue or sim.pending_train:
+        items = list(sim.queue)
+        rng.shuffle(items)
+        sim.queue.clear()
+        sim.queue.extend(items)
+        sim.step()
+    s = sim.coord.stats
+    assert s.updates_accepted == 3
+    assert s.duplicates_dropped == dup_count > 0
+    assert np.allclose(sim.coord.vector, EXPECTED_STEP, atol=1e-6)
+
+
+def test_device_gone_mid_round_closes_on_quorum_without_waiting():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3, round_timeout=60))
+    sim.start()
+    # dev-2 trains but dies before uploading: drop its training, fire its will
+    while sim.step():
+        if sim.pending_train and sim.pending_train[0][0] == "dev-2":
+            sim.pending_train.pop(0)
+            sim.disconnect("dev-2")
+    (closed,) = sim.closed()
+    assert (closed.outcome, closed.reason, closed.accepted) == ("committed", "quorum_no_live_pending", ("dev-0", "dev-1"))
+    assert sim.coord.stats.devices_offline_detected == 1
+    assert sim.now == 1000.0  # no deadline was needed
+    assert np.allclose(sim.coord.vector, (10 * 1 + 30 * 2) / 40, atol=1e-6)
+
+
+def test_deadline_commits_with_quorum_and_abandons_without():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3, round_timeout=30))
+    sim.stalled = {"dev-1", "dev-2"}  # their training never finishes
+    sim.start()
+    sim.settle()
+    sim.advance(29.9)
+    assert sim.closed() == []
+    sim.advance(0.2)
+    (abandoned,) = sim.closed()
+    assert (abandoned.outcome, abandoned.round_id, abandoned.accepted) == ("abandoned", 1, ("dev-0",))
+    assert sim.coord.version == 0 and sim.coord.stats.rounds_abandoned == 1
+    m = decode(sim.retained[sim.topics.manifest], RoundManifest)
+    assert (m.round_id, m.state, m.model_version) == (2, "open", 0)  # retried under a new round id
+    sim.pending_train = [(c, tr) for c, tr in sim.pending_train if tr.round_id == 2]  # round 1 work is moot
+    sim.stalled.discard("dev-1")
+    sim.settle()
+    sim.advance(30.0)
+    committed = sim.closed()[1]
+    assert (committed.outcome, committed.round_id, committed.reason) == ("committed", 2, "deadline")
+    assert committed.accepted == ("dev-0", "dev-1")
+
+
+def test_stale_round_updates_are_rejected_and_told_closed():
+    sim = make_sim(RoundPolicy(rounds=2, target=3, quorum=3, min_devices=3))
+    captured: list[Publish] = []
+    sim.on_publish = lambda s, p: (captured.append(p) if "/up/" in p.topic else None) or [p]
+    sim.start()
+    sim.settle()
+    round1 = [p for p in captured if "/up/dev-0/1/" in p.topic]
+    before = sim.coord.stats.updates_accepted
+    for p in round1:  # a late redelivery of round 1's accepted update: duplicates
+        sim.run("coordinator", sim.coord.on_message(p.topic, p.payload, sim.now))
+    assert sim.coord.stats.duplicates_dropped == len(round1) == 4
+    for p in round1:  # a different update for round 1, sent after it closed: stale
+        s = replace(decode(p.payload, UpdateShard), update_id="ulate")
+        topic = sim.topics.up(s.device, s.round_id, s.update_id, s.index)
+        sim.run("coordinator", sim.coord.on_message(topic, encode(s), sim.now))
+    s = sim.coord.stats
+    assert s.updates_accepted == before
+    assert s.rejected_by_reason["stale_round"] == len(round1)
+    ack = decode(sim.retained[sim.topics.ack("dev-0")], ShardAck)
+    assert (ack.round_id, ack.update_id, ack.status) == (1, "ulate", "closed")
+
+
+def test_corrupted_shard_is_rejected_then_resent_and_accepted():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    corrupted = []
+
+    def hook(sender, p: Publish):
+        if "/up/dev-1/1/" in p.topic and p.topic.endswith("/2") and not corrupted:
+            s = decode(p.payload, UpdateShard)
+            corrupted.append(p.topic)
+            bad = replace(s, data=bytes([s.data[0] ^ 0xFF]) + s.data[1:])
+            return [Publish(p.topic, encode(bad), p.qos, p.retain)]
+        return [p]
+
+    sim.on_publish = hook
+    sim.start()
+    sim.settle()
+    assert corrupted and sim.coord.stats.rejected_by_reason["digest"] == 1
+    assert sim.closed() == []  # dev-1's update is incomplete
+    sim.advance(5.0)  # dev-1's resend timer: it re-sends only the shard the coordinator lacks
+    assert sim.agents["dev-1"].stats.shards_resent == 1
+    (closed,) = sim.closed()
+    assert closed.outcome == "committed" and sim.coord.stats.updates_accepted == 3
+    assert np.allclose(sim.coord.vector, EXPECTED_STEP, atol=1e-6)
+
+
+def test_forged_update_digest_gets_rejected_and_the_agent_sends_a_fresh_update():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    forged_ids = set()
+
+    def hook(sender, p: Publish):
+        if sender == "dev-2" and "/up/" in p.topic and not forged_ids - {p.topic.split("/")[5]}:
+            s = decode(p.payload, UpdateShard)
+            if not forged_ids or s.update_id in forged_ids:
+                forged_ids.add(s.update_id)
+                return [Publish(p.topic, encode(replace(s, update_digest=b"\x01" * 16)), p.qos, False)]
+        return [p]
+
+    sim.on_publish = hook
+    sim.start()
+    sim.settle()
+    assert sim.coord.stats.rejected_by_reason["update_digest"] == 1
+    assert sim.agents["dev-2"].stats.updates_rejected == 1
+    (closed,) = sim.closed()
+    assert closed.accepted == tuple(DEVICES) and sim.coord.stats.updates_accepted == 3
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda t, p: ("fedsync/sim/up/dev-1/1/uX/0", p), "topic_mismatch"),
+    (lambda t, p: (t, b"\xff\x00garbage"), "cbor"),
+    (lambda t, p: (t, p + b"\x00"), "trailing_bytes"),
+    (lambda t, p: (t.replace("/up/dev-0/", "/up/dev-9/"), p), "topic_mismatch"),
+])
+def test_hostile_inputs_are_counted_not_raised(mutate, reason):
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    captured = []
+    sim.on_publish = lambda s, p: (captured.append(p) if "/up/dev-0/" in p.topic else None) or [p]
+    sim.start()
+    sim.settle()
+    topic, payload = mutate(captured[0].topic, captured[0].payload)
+    out = sim.coord.on_message(topic, payload, sim.now)
+    assert [type(a) for a in out] == [RejectedInput] and out[0].reason == reason
+    assert sim.coord.stats.rejected_by_reason[reason] == 1
+
+
+def test_unselected_device_is_rejected():
+    sim = make_sim(RoundPolicy(rounds=1, target=2, quorum=2, min_devices=3), devices=DEVICES)
+    sim.start()
+    sim.settle()
+    m_selected = sim.closed()[0].selected
+    assert len(m_selected) == 2
+    outsider = next(d for d in DEVICES if d not in m_selected)
+    assert sim.agents[outsider].stats.shards_sent == 0
+
+
+def test_over_selection_picks_more_devices_than_the_target():
+    devices = [f"dev-{i}" for i in range(10)]
+    sim = make_sim(RoundPolicy(rounds=1, target=4, quorum=2, over_select=0.5, min_devices=10), devices=devices)
+    sim.start()
+    sim.settle()
+    (closed,) = sim.closed()
+    assert len(closed.selected) == 6 and len(closed.accepted) == 4 and closed.reason == "target"
+
+
+def test_core_start_publishes_retained_state():
+    core = CoordinatorCore(Topics("t"), {"w": np.arange(7, dtype=np.float32)}, RoundPolicy(shard_values=3),
+                           hyper={}, incarnation=9, rng=random.Random(0))
+    out = core.start(now=5.0)
+    assert [(a.topic, a.retain) for a in out] == [
+        ("fedsync/t/coordinator/status", True), ("fedsync/t/model/0/0", True), ("fedsync/t/model/0/1", True),
+        ("fedsync/t/model/0/2", True), ("fedsync/t/manifest", True)]
+    m = decode(out[-1].payload, RoundManifest)
+    assert (m.state, m.model_shards, m.num_params, m.incarnation) == ("waiting", 3, 7, 9)
+    assert np.array_equal(core.vector, flatten({"w": np.arange(7, dtype=np.float32)}))
