@@ -180,6 +180,8 @@ class CoordinatorCore:
         if (shard.device, shard.round_id, shard.update_id, shard.index) != (
                 where.device, where.round_id, where.update_id, where.shard):
             raise ProtocolError("topic", "topic_mismatch", "payload names another device, round, update or shard")
+        if digest(shard.data) != shard.digest:
+            raise ProtocolError("digest", "digest", f"{shard.device} round {shard.round_id} shard {shard.index}")
         r = self.round
         if r is None or shard.round_id != r.manifest.round_id:
             if self._recent.get(shard.round_id, {}).get(shard.device) == shard.update_id:

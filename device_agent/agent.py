@@ -255,7 +255,7 @@ class AgentCore:
         up = self._upload
         if ack.device != self.device_id:
             raise ProtocolError("device", "topic_mismatch", f"ack for {ack.device!r}")
-        if up is None or self.state != "uploading" or (ack.round_id, ack.update_id) != (up.round_id, up.update_id):
+        if up is None or (ack.round_id, ack.update_id) != (up.round_id, up.update_id):
             return []  # an old round's receipt (retained), or one for an update we replaced
         if ack.count != len(up.payloads):
             raise ProtocolError("count", "mismatch", f"ack for {ack.count} shards, update has {len(up.payloads)}")
@@ -264,15 +264,16 @@ class AgentCore:
             self._progress_at = now
         up.held = held
         if ack.status in ("accepted", "duplicate", "closed"):
-            self.state = "done"
+            # The receipt may arrive after the final manifest (no ordering across topics).
+            self.state = "finished" if self.state == "finished" else "done"
             self._upload = None
             if ack.status == "accepted":
                 self.stats.rounds_accepted += 1
             return [Note("round_done", {"round": ack.round_id, "status": ack.status})]
         if ack.status == "rejected":
             self.stats.updates_rejected += 1
-            if up.retries >= self.max_retries:
-                self.state, self._upload = "done", None
+            if up.retries >= self.max_retries or self.state == "finished":
+                self.state, self._upload = ("finished" if self.state == "finished" else "done"), None
                 return [Note("update_given_up", {"round": ack.round_id, "reason": ack.reason})]
             assert self.manifest is not None
             # The coordinator forgot the bad update; send the same delta under a fresh id.
