@@ -1,0 +1,680 @@
+"""Aggregation strategies beyond FedAvg: server optimisers, robust rules, central DP.
+
+Theory of operation
+-------------------
+The maths are small pure numpy functions (:func:`coordinate_median`,
+:func:`trimmed_mean`, :func:`krum_scores`, :func:`multi_krum`, :func:`clip_by_norm`,
+:func:`gaussian_noise`). The classes only decide *what* to feed them, and all speak
+the streaming :class:`coordinator.aggregate.Strategy` protocol: ``add(delta,
+num_samples)`` once per verified update (delta = local minus global, float32) and
+``finish(global_vector)`` when the round commits, returning the new float32 global
+vector or ``None``: keep the previous model (the core then abandons the round).
+
+Two families, and a registry:
+
+* Streaming means, O(model) memory: :class:`~coordinator.aggregate.FedAvg`,
+  :class:`CentralDP`, and the server optimisers :class:`FedAvgM` and :class:`FedAdam`
+  (:class:`ServerOptimizer`), whose state (momentum, moments) must outlive a round.
+* Rules that need every update at once (:class:`Median`, :class:`TrimmedMean`,
+  :class:`Krum`). Updates are spooled to a K x P float32 ``numpy.memmap`` in a temp
+  directory (:class:`UpdateSpool`) and read back in column blocks, so RAM stays at
+  O(block), not O(devices x model) (DESIGN.md: stacking K updates costs K x model
+  memory). They ignore ``num_samples``: a device reports its own sample count, and
+  weighting by it would let one Byzantine device claim a billion samples.
+* :func:`make_strategy_factory` turns a configured name and options into the
+  ``strategy_factory`` that :class:`coordinator.core.CoordinatorCore` takes.
+
+How the core drives them: when a round opens it calls ``strategy_factory(num_params)``.
+It calls ``add`` for each accepted update, and ``finish`` only if the round commits.
+An abandoned round's strategy is dropped without ``finish``. Its spool file goes with it
+(a ``weakref.finalize``), and a server optimiser's state stays as it was: the next
+call to the factory throws the half-filled round away.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.aggregate import FedAvg, Strategy
+
+__all__ = [
+    "STRATEGY_NAMES", "CentralDP", "FedAdam", "FedAvgM", "Krum", "Median", "ServerOptimizer",
+    "TrimmedMean", "UpdateSpool", "clip_by_norm", "coordinate_median", "gaussian_noise", "krum_scores",
+    "make_strategy_factory", "multi_krum", "trimmed_mean",
+]
+
+# Values read back from a spool at once (K rows x this/K columns, 32 MiB as float64):
+# the RAM a robust rule needs, whatever the number of devices.
+DEFAULT_BLOCK_VALUES = 1 << 22
+
+
+# -- pure aggregation functions ---------------------------------------------------
+
+
+def _check_updates(updates: np.ndarray) -> int:
+    if updates.ndim != 2 or updates.shape[0] == 0:
+        raise ValueError(f"updates must be a (K, P) array with K >= 1, got shape {updates.shape}")
+    return updates.shape[0]
+
+
+def coordinate_median(updates: np.ndarray) -> np.ndarray:
+    """Per-coordinate median of K updates (Yin et al. 2018): (K, P) -> (P,) float64.
+
+    With an even K it is the mean of the two middle values. Raises ``ValueError``
+    for an input that is not (K, P) with K >= 1.
+
+    >>> coordinate_median(np.array([[1, 5], [2, -9], [30, 6]], np.float32)).tolist()
+    [2.0, 5.0]
+    """
+    _check_updates(updates)
+    return np.median(np.asarray(updates, dtype=np.float64), axis=0)
+
+
+def _trim_count(num_updates: int, trim_fraction: float) -> int:
+    # floor, with slack for products like 0.29 * 100 = 28.999999999999996.
+    return math.floor(trim_fraction * num_updates + 1e-9)
+
+
+def trimmed_mean(updates: np.ndarray, trim_fraction: float) -> np.ndarray:
+    """Per-coordinate mean without the k largest and k smallest values (Yin et al. 2018).
+
+    k = floor(trim_fraction * K) on each side. Floor, not ceil: with few updates it trims
+    too little rather than too much (K = 4 at 0.2 trims nothing: the plain mean), the
+    convention of ``scipy.stats.trim_mean``. Raises ``ValueError`` unless
+    0 <= trim_fraction < 0.5, so at least one value per coordinate always remains.
+
+    >>> trimmed_mean(np.array([[-50.0], [1.0], [2.0], [3.0], [100.0]]), 0.2).tolist()
+    [2.0]
+    """
+    k_updates = _check_updates(updates)
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    k = _trim_count(k_updates, trim_fraction)
+    ordered = np.sort(np.asarray(updates, dtype=np.float64), axis=0)
+    return ordered[k:k_updates - k].mean(axis=0)
+
+
+def _pairwise_sq_distances(updates: np.ndarray, block_values: int) -> np.ndarray:
+    """(K, K) squared Euclidean distances, reading ``updates`` in column blocks."""
+    k_updates, num_params = updates.shape
+    step = max(1, block_values // k_updates)
+    dist = np.zeros((k_updates, k_updates), dtype=np.float64)
+    for start in range(0, num_params, step):
+        x = np.array(updates[:, start:start + step], dtype=np.float64)  # a copy: centred in place
+        # Distances ignore translation. Centring on a middle entry (not an average, so small
+        # integers stay exact) keeps the Gram form from cancelling when all updates share a
+        # large common part.
+        x -= np.partition(x, k_updates // 2, axis=0)[k_updates // 2]
+        gram = x @ x.T
+        sq = np.diag(gram)
+        dist += sq[:, None] + sq[None, :] - 2.0 * gram
+    np.maximum(dist, 0.0, out=dist)
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def krum_scores(updates: np.ndarray, num_byzantine: int, *,
+                block_values: int = DEFAULT_BLOCK_VALUES) -> np.ndarray:
+    """Krum score per update (Blanchard et al. 2017): (K, P) -> (K,) float64.
+
+    The score of update i is the sum of squared distances to its K - f - 2 nearest
+    other updates (f = ``num_byzantine``). Blanchard et al.'s guarantee needs
+    2f + 2 < K, so K < 2f + 3 raises ``ValueError``, as does f < 0. Works on a memmap:
+    the input is read ``block_values`` values at a time.
+
+    >>> krum_scores(np.array([[0, 0], [2, 0], [0, 1], [1, 1], [8, 6]]), 1).tolist()
+    [3.0, 6.0, 2.0, 3.0, 146.0]
+    """
+    k_updates = _check_updates(updates)
+    if num_byzantine < 0:
+        raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+    if k_updates < 2 * num_byzantine + 3:
+        raise ValueError(f"Krum with num_byzantine={num_byzantine} needs at least "
+                         f"{2 * num_byzantine + 3} updates (2f + 2 < K), got {k_updates}")
+    dist = _pairwise_sq_distances(updates, block_values)
+    np.fill_diagonal(dist, np.inf)  # an update is not its own neighbour
+    neighbours = k_updates - num_byzantine - 2
+    return np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)
+
+
+def _lowest(scores: np.ndarray, m: int) -> np.ndarray:
+    # Stable: among equal scores the earlier update (in add order) wins, deterministically.
+    return np.sort(np.argsort(scores, kind="stable")[:m])
+
+
+def _mean_of_rows(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    total = np.zeros(updates.shape[1], dtype=np.float64)
+    for i in rows:  # one row at a time: O(P) memory even for a memmap
+        total += updates[i]
+    return total / len(rows)
+
+
+def multi_krum(updates: np.ndarray, num_byzantine: int, m: int, *,
+               block_values: int = DEFAULT_BLOCK_VALUES) -> np.ndarray:
+    """Mean of the ``m`` updates with the lowest Krum scores: (K, P) -> (P,) float64.
+
+    m = 1 is Krum itself. Ties go to the earlier update. Raises ``ValueError``
+    unless 1 <= m <= K, and where :func:`krum_scores` does.
+
+    >>> u = np.array([[0, 0], [2, 0], [0, 1], [1, 1], [8, 6]], np.float32)
+    >>> multi_krum(u, 1, 1).tolist(), multi_krum(u, 1, 2).tolist()
+    ([0.0, 1.0], [0.0, 0.5])
+    """
+    k_updates = _check_updates(updates)
+    if not 1 <= m <= k_updates:
+        raise ValueError(f"m must be in [1, {k_updates}], got {m}")
+    scores = krum_scores(updates, num_byzantine, block_values=block_values)
+    return _mean_of_rows(updates, _lowest(scores, m))
+
+
+def clip_by_norm(delta: np.ndarray, max_norm: float) -> np.ndarray:
+    """``delta`` scaled down to L2 norm ``max_norm`` if it is longer; same dtype.
+
+    A delta already within the bound is returned as is (the same object, not a copy).
+    Raises ``ValueError`` unless max_norm is finite and > 0.
+
+    >>> clip_by_norm(np.array([6.0, 8.0]), 5.0).tolist()
+    [3.0, 4.0]
+    >>> clip_by_norm(np.array([0.3, 0.4]), 5.0).tolist()
+    [0.3, 0.4]
+    """
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be finite and > 0, got {max_norm}")
+    wide = delta.astype(np.float64, copy=False)
+    norm = float(np.linalg.norm(wide))
+    if norm <= max_norm:
+        return delta
+    return (wide * (max_norm / norm)).astype(delta.dtype, copy=False)  # one rounding, not two
+
+
+def gaussian_noise(shape: int | tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
+    """Independent N(0, std^2) values, float64, drawn from the caller's ``rng``.
+
+    Raises ``ValueError`` unless std is finite and >= 0 (std = 0 gives zeros).
+
+    >>> gaussian_noise(3, 0.0, np.random.default_rng(0)).tolist()
+    [0.0, 0.0, 0.0]
+    >>> gaussian_noise((2, 2), 1.0, np.random.default_rng(0)).shape
+    (2, 2)
+    """
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std must be finite and >= 0, got {std}")
+    return rng.normal(0.0, std, size=shape)
+
+
+# -- the update spool -------------------------------------------------------------
+
+
+def _check_delta(delta: np.ndarray, num_params: int) -> None:
+    # Without this a length-1 delta would broadcast silently over the whole model.
+    if delta.shape != (num_params,):
+        raise ValueError(f"delta has shape {delta.shape}, expected ({num_params},)")
+
+
+class UpdateSpool:
+    """A growable K x P float32 matrix of updates in a ``numpy.memmap`` on disk.
+
+    The file (``<tempdir>/fedsync-spool-*/updates.f32``) is created on the first
+    ``append`` and grows ``chunk_rows`` rows at a time. Growing extends the file and
+    maps it again: rows already written stay where they are (row-major layout).
+    ``close`` deletes the directory; so does garbage collection of the spool, for a
+    round that is dropped without ``close``. ``dir`` picks the parent directory
+    (default: the system temp dir); pick a disk with room for K x P x 4 bytes.
+
+    >>> spool = UpdateSpool(3, chunk_rows=2)
+    >>> for k in range(3):
+    ...     spool.append(np.full(3, k, np.float32))
+    >>> path = spool.path
+    >>> spool.rows()[:, 0].tolist(), path.stat().st_size  # 2 chunks of 2 rows x 3 x 4 bytes
+    ([0.0, 1.0, 2.0], 48)
+    >>> spool.close(); path.exists(), spool.count
+    (False, 0)
+    """
+
+    def __init__(self, num_params: int, *, chunk_rows: int = 16, dir: str | Path | None = None) -> None:
+        if num_params < 1 or chunk_rows < 1:
+            raise ValueError(f"num_params and chunk_rows must be >= 1, got {num_params}, {chunk_rows}")
+        self.num_params = num_params
+        self.chunk_rows = chunk_rows
+        self.dir = dir
+        self.count = 0
+        self._capacity = 0
+        self._map: np.memmap | None = None
+        self._path: Path | None = None
+        self._cleanup: weakref.finalize | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The spool file, or ``None`` while nothing is spooled."""
+        return self._path
+
+    def append(self, delta: np.ndarray) -> None:
+        """Store one update as the next row (cast to float32)."""
+        _check_delta(delta, self.num_params)
+        if self._path is None:
+            directory = tempfile.mkdtemp(prefix="fedsync-spool-", dir=self.dir)
+            self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
+            self._path = Path(directory) / "updates.f32"
+            self._path.touch()
+        if self.count == self._capacity:
+            self._grow()
+        assert self._map is not None
+        self._map[self.count] = delta
+        self.count += 1
+
+    def _grow(self) -> None:
+        assert self._path is not None
+        self._map = None  # unmap before remapping at the new size
+        self._capacity += self.chunk_rows
+        with open(self._path, "r+b") as f:
+            f.truncate(self._capacity * self.num_params * 4)  # sparse: no zeros written
+        shape = (self._capacity, self.num_params)
+        self._map = np.memmap(self._path, dtype=np.float32, mode="r+", shape=shape)
+
+    def rows(self) -> np.ndarray:
+        """The (count, P) spooled updates: a view of the memmap, valid until ``close``."""
+        if self._map is None:
+            return np.empty((0, self.num_params), dtype=np.float32)
+        return self._map[:self.count]
+
+    def close(self) -> None:
+        """Delete the file; the spool is empty again (a later ``append`` starts a new file)."""
+        self._map = None
+        if self._cleanup is not None:
+            self._cleanup()
+        self._cleanup, self._path, self.count, self._capacity = None, None, 0, 0
+
+
+def _by_column_blocks(rows: np.ndarray, block_values: int,
+                      rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply a coordinate-wise ``rule`` to (K, P) ``rows`` a column block at a time."""
+    k_updates, num_params = rows.shape
+    step = max(1, block_values // k_updates)
+    out = np.empty(num_params, dtype=np.float64)
+    for start in range(0, num_params, step):
+        out[start:start + step] = rule(np.asarray(rows[:, start:start + step]))
+    return out
+
+
+class _SpooledRule:
+    """Shared by the rules that need all K updates: spool on ``add``, aggregate on ``finish``."""
+
+    def __init__(self, num_params: int, *, clip_norm: float | None = None, spool_dir: str | None = None,
+                 chunk_rows: int = 16, block_values: int = DEFAULT_BLOCK_VALUES) -> None:
+        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be finite and > 0 (or None), got {clip_norm}")
+        if block_values < 1:
+            raise ValueError(f"block_values must be >= 1, got {block_values}")
+        self.num_params = num_params
+        self.clip_norm = clip_norm
+        self.block_values = block_values
+        self.spool = UpdateSpool(num_params, chunk_rows=chunk_rows, dir=spool_dir)
+
+    @property
+    def count(self) -> int:
+        return self.spool.count
+
+    @property
+    def min_updates(self) -> int:
+        """Fewest updates this rule aggregates; below it ``finish`` returns ``None``."""
+        return 1
+
+    def add(self, delta: np.ndarray, num_samples: int) -> None:
+        if self.clip_norm is not None:
+            delta = clip_by_norm(delta, self.clip_norm)
+        self.spool.append(delta)
+
+    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
+        try:
+            if self.spool.count == 0 or self.spool.count < self.min_updates:
+                return None
+            step = self._aggregate(self.spool.rows())
+            return (global_vector.astype(np.float64) + step).astype(np.float32)
+        finally:
+            self.spool.close()
+
+    def _aggregate(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Median(_SpooledRule):
+    """Coordinate-wise median of the round's deltas: global += median(d_1..d_K).
+
+    Options (keyword): ``clip_norm`` (None: no clipping; else each delta is clipped
+    to this L2 norm on ``add``), ``spool_dir`` (parent of the temp spool directory),
+    ``chunk_rows`` (spool growth step, 16), ``block_values`` (values read back at once).
+    ``num_samples`` is ignored. ``finish`` returns ``None`` when no update was added:
+    keep the previous model. A strategy serves one round; ``finish`` deletes its spool.
+
+    >>> s = Median(2)
+    >>> for d in ([1, 5], [2, -9], [30, 6]):
+    ...     s.add(np.array(d, np.float32), 1)
+    >>> s.finish(np.array([10, 10], np.float32)).tolist()
+    [12.0, 15.0]
+    """
+
+    def _aggregate(self, rows: np.ndarray) -> np.ndarray:
+        return _by_column_blocks(rows, self.block_values, coordinate_median)
+
+
+class TrimmedMean(_SpooledRule):
+    """Coordinate-wise trimmed mean: drops floor(trim_fraction * K) largest and smallest.
+
+    ``trim_fraction`` (0.2) must be in [0, 0.5); other options and the failure rule
+    as :class:`Median` (``None`` when no update was added: keep the previous model).
+
+    >>> s = TrimmedMean(1, trim_fraction=0.2)
+    >>> for d in (-50, 1, 2, 3, 100):
+    ...     s.add(np.array([d], np.float32), 1)
+    >>> s.finish(np.zeros(1, np.float32)).tolist()
+    [2.0]
+    """
+
+    def __init__(self, num_params: int, trim_fraction: float = 0.2, **options) -> None:
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        super().__init__(num_params, **options)
+        self.trim_fraction = trim_fraction
+
+    def _aggregate(self, rows: np.ndarray) -> np.ndarray:
+        return _by_column_blocks(rows, self.block_values, lambda b: trimmed_mean(b, self.trim_fraction))
+
+
+class Krum(_SpooledRule):
+    """(Multi-)Krum (Blanchard et al. 2017): global += mean of the m lowest-scoring deltas.
+
+    ``num_byzantine`` (f, 1) is the number of attackers to tolerate; ``multi`` (m, 1)
+    how many updates to average: 1 is Krum, ``None`` means K - f. Other options as
+    :class:`Median`. ``finish`` returns ``None`` (keep the previous model) when no
+    update was added or fewer than :attr:`min_updates` = max(2f + 3, m) were: with
+    fewer, Krum's guarantee does not hold, so set the round quorum at least that high.
+    After ``finish``, ``scores`` and ``selected`` (indices in add order) say what won.
+
+    >>> s = Krum(2, num_byzantine=1)
+    >>> for d in ([0, 0], [2, 0], [0, 1], [1, 1], [8, 6]):
+    ...     s.add(np.array(d, np.float32), 1)
+    >>> s.finish(np.zeros(2, np.float32)).tolist(), s.selected.tolist()
+    ([0.0, 1.0], [2])
+    """
+
+    def __init__(self, num_params: int, num_byzantine: int = 1, multi: int | None = 1, **options) -> None:
+        if num_byzantine < 0:
+            raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        if multi is not None and multi < 1:
+            raise ValueError(f"multi must be >= 1 or None, got {multi}")
+        super().__init__(num_params, **options)
+        self.num_byzantine = num_byzantine
+        self.multi = multi
+        self.scores: np.ndarray | None = None
+        self.selected: np.ndarray | None = None
+
+    @property
+    def min_updates(self) -> int:
+        return max(2 * self.num_byzantine + 3, self.multi or 1)
+
+    def _aggregate(self, rows: np.ndarray) -> np.ndarray:
+        m = self.multi if self.multi is not None else rows.shape[0] - self.num_byzantine
+        self.scores = krum_scores(rows, self.num_byzantine, block_values=self.block_values)
+        self.selected = _lowest(self.scores, m)
+        return _mean_of_rows(rows, self.selected)
+
+
+# -- streaming means with state or noise ------------------------------------------
+
+
+def _mean_delta(acc: FedAvg, num_params: int) -> np.ndarray | None:
+    """The (weighted) mean delta a FedAvg accumulated: its step from a zero model."""
+    if acc.count == 0:
+        return None
+    return acc.finish(np.zeros(num_params, np.float32)).astype(np.float64)
+
+
+class ServerOptimizer:
+    """A long-lived server optimiser fed one mean delta (pseudo-gradient) per round.
+
+    The object outlives rounds because its state does; subclasses define ``_step``.
+    Give the core ``strategy_factory=opt.factory()``. Each call (one per round opened)
+    starts a fresh round accumulator (a :class:`~coordinator.aggregate.FedAvg`), throwing
+    away any left by an abandoned round, and returns the optimiser itself as that round's
+    strategy: one round at a time, as the core runs them. ``finish`` returns ``None``
+    when no update was added: keep the previous model; the state is then unchanged.
+    The state lives in memory only: a restarted coordinator starts it afresh.
+
+    >>> opt = FedAvgM(3, momentum=0.9)
+    >>> new_round = opt.factory()   # CoordinatorCore(..., strategy_factory=new_round)
+    >>> new_round(3) is opt, opt.steps
+    (True, 0)
+    """
+
+    def __init__(self, num_params: int, *, weighted: bool) -> None:
+        if num_params < 1:
+            raise ValueError(f"num_params must be >= 1, got {num_params}")
+        self.num_params = num_params
+        self.weighted = weighted
+        self.steps = 0  # rounds applied so far
+        self._round: FedAvg | None = None
+
+    def factory(self) -> Callable[[int], Strategy]:
+        """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore`."""
+        def start_round(num_params: int) -> Strategy:
+            if num_params != self.num_params:
+                raise ValueError(f"{type(self).__name__} holds state for {self.num_params} parameters, "
+                                 f"the round has {num_params}")
+            self._round = FedAvg(num_params, weighted=self.weighted)
+            return self
+        return start_round
+
+    def add(self, delta: np.ndarray, num_samples: int) -> None:
+        _check_delta(delta, self.num_params)
+        if self._round is None:
+            self._round = FedAvg(self.num_params, weighted=self.weighted)
+        self._round.add(delta, num_samples)
+
+    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
+        acc, self._round = self._round, None
+        mean = None if acc is None else _mean_delta(acc, self.num_params)
+        if mean is None:
+            return None  # no update: keep the previous model, state untouched
+        self.steps += 1
+        return (global_vector.astype(np.float64) + self._step(mean)).astype(np.float32)
+
+    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FedAvgM(ServerOptimizer):
+    """FedAvg with server momentum (Hsu et al. 2019): v = momentum * v + mean; global += server_lr * v.
+
+    mean is the FedAvg mean delta (``weighted=True``: by num_samples). momentum = 0
+    with server_lr = 1 is FedAvg. ``v`` starts at zero and persists across rounds (see
+    :class:`ServerOptimizer` for ``factory()``). ``finish`` returns ``None`` when no
+    update was added: keep the previous model (and the momentum).
+
+    >>> opt = FedAvgM(1, server_lr=1.0, momentum=0.5)
+    >>> new_round = opt.factory()
+    >>> s = new_round(1); s.add(np.array([2.0], np.float32), 1); s.finish(np.zeros(1, np.float32)).tolist()
+    [2.0]
+    >>> s = new_round(1); s.add(np.array([2.0], np.float32), 1); s.finish(np.zeros(1, np.float32)).tolist()
+    [3.0]
+    """
+
+    def __init__(self, num_params: int, server_lr: float = 1.0, momentum: float = 0.9,
+                 weighted: bool = True) -> None:
+        if not server_lr > 0 or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"need server_lr > 0 and 0 <= momentum < 1, got {server_lr}, {momentum}")
+        super().__init__(num_params, weighted=weighted)
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self.velocity = np.zeros(num_params, dtype=np.float64)
+
+    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
+        self.velocity *= self.momentum
+        self.velocity += mean_delta
+        return self.server_lr * self.velocity
+
+
+class FedAdam(ServerOptimizer):
+    """FedAdam (Reddi et al. 2021, Algorithm 2) on the FedAvg mean delta d:
+
+    m = beta1 * m + (1 - beta1) * d;  v = beta2 * v + (1 - beta2) * d^2;
+    global += server_lr * m / (sqrt(v) + tau).
+
+    As in the paper: m starts at 0, v at tau^2 (its initialisation v_-1 >= tau^2), no bias
+    correction. State persists across rounds (``factory()`` as :class:`FedAvgM`).
+    ``finish`` returns ``None`` when no update was added: keep the previous model.
+
+    >>> opt = FedAdam(1, server_lr=0.6, beta1=0.5, beta2=0.5, tau=1.0)
+    >>> s = opt.factory()(1); s.add(np.array([7.0], np.float32), 1)
+    >>> s.finish(np.zeros(1, np.float32)).tolist()  # m = 3.5, v = 25: 0.6 * 3.5 / (5 + 1)
+    [0.3499999940395355]
+    """
+
+    def __init__(self, num_params: int, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3, weighted: bool = True) -> None:
+        if not (server_lr > 0 and tau > 0 and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError("need server_lr > 0, tau > 0 and 0 <= beta1, beta2 < 1, got "
+                             f"{server_lr}, {tau}, {beta1}, {beta2}")
+        super().__init__(num_params, weighted=weighted)
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.m = np.zeros(num_params, dtype=np.float64)
+        self.v = np.full(num_params, tau * tau, dtype=np.float64)
+
+    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
+        self.m *= self.beta1
+        self.m += (1.0 - self.beta1) * mean_delta
+        self.v *= self.beta2
+        self.v += (1.0 - self.beta2) * np.square(mean_delta)
+        return self.server_lr * self.m / (np.sqrt(self.v) + self.tau)
+
+
+class CentralDP:
+    """DP-FedAvg with central noise (McMahan et al. 2018, "Learning Differentially
+    Private Recurrent Language Models"), unweighted, with a trusted coordinator.
+
+    Each delta is clipped to L2 norm C = ``clip_norm``; then
+    global += mean(clipped) + N(0, sigma^2 I) with sigma = noise_multiplier * C / K.
+    That is the Gaussian mechanism on the *sum*: one device changes the sum by at most
+    C, and the sum gets noise of std z * C (z = noise_multiplier); dividing by K gives
+    sigma (user-level DP: a device's whole update is the unit protected). McMahan et al.'s
+    fixed-denominator estimator divides by the *expected* K; dividing by the actual K,
+    as here, treats K as public (it is in the round's accepted list). The coordinator
+    sees raw deltas, so it must be trusted; the DP guarantee covers the published models.
+    Privacy accounting (epsilon over rounds, from z and the sampling rate) is not done
+    here. z = 0 adds no noise (no privacy: for tests). ``num_samples`` is ignored, since
+    weights would change the sensitivity. Noise comes from ``rng`` only. ``finish``
+    returns ``None`` when no update was added: keep the previous model.
+
+    >>> s = CentralDP(2, clip_norm=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    >>> s.add(np.array([3.0, 4.0], np.float32), 10); s.add(np.array([0.0, 0.5], np.float32), 1)
+    >>> s.finish(np.zeros(2, np.float32)).tolist()  # mean of [0.6, 0.8] and [0, 0.5]
+    [0.30000001192092896, 0.6499999761581421]
+    """
+
+    def __init__(self, num_params: int, clip_norm: float, noise_multiplier: float,
+                 rng: np.random.Generator) -> None:
+        if not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm}")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError("rng must be a seeded numpy.random.Generator")
+        self.num_params = num_params
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.rng = rng
+        self.noise_std: float | None = None  # sigma of the last finish, for logs
+        self._mean = FedAvg(num_params, weighted=False)
+
+    def add(self, delta: np.ndarray, num_samples: int) -> None:
+        _check_delta(delta, self.num_params)
+        self._mean.add(clip_by_norm(delta.astype(np.float64), self.clip_norm), 1)
+
+    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
+        mean = _mean_delta(self._mean, self.num_params)
+        if mean is None:
+            return None
+        self.noise_std = self.noise_multiplier * self.clip_norm / self._mean.count
+        noise = gaussian_noise(self.num_params, self.noise_std, self.rng)
+        return (global_vector.astype(np.float64) + mean + noise).astype(np.float32)
+
+
+# -- registry ---------------------------------------------------------------------
+
+STRATEGY_NAMES = ("fedavg", "mean", "fedavgm", "fedadam", "median", "trimmed_mean", "krum",
+                  "multi_krum", "dp_fedavg")
+
+
+def _per_round(name: str, cls: type, num_params: int, options: dict) -> Callable[[int], Strategy]:
+    _build(name, cls, num_params, options)  # fail fast on bad options, not at the first round
+    return lambda n: cls(n, **options)
+
+
+def _build(name: str, cls: type, num_params: int, options: dict):
+    try:
+        return cls(num_params, **options)
+    except TypeError as err:
+        known = [p for p in inspect.signature(cls).parameters if p not in ("num_params", "options", "rng")]
+        if cls in (TrimmedMean, Krum):
+            known += [p for p in inspect.signature(_SpooledRule).parameters if p != "num_params"]
+        raise ValueError(f"strategy {name!r}: {err}; options: {sorted(known)}") from None
+
+
+def make_strategy_factory(name: str, num_params: int, options: dict,
+                          rng: np.random.Generator | None = None) -> Callable[[int], Strategy]:
+    """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore` by name.
+
+    ======================  =====================  ==========================================
+    name                    class                  options (default)
+    ======================  =====================  ==========================================
+    fedavg                  FedAvg                 weighted (True), server_lr (1.0)
+    mean                    FedAvg, unweighted     server_lr (1.0)
+    fedavgm                 FedAvgM (long-lived)   server_lr (1.0), momentum (0.9),
+                                                   weighted (True)
+    fedadam                 FedAdam (long-lived)   server_lr (0.01), beta1 (0.9), beta2 (0.99),
+                                                   tau (1e-3), weighted (True)
+    median                  Median                 clip_norm (None), spool_dir, chunk_rows,
+                                                   block_values
+    trimmed_mean            TrimmedMean            trim_fraction (0.2), as median
+    krum                    Krum                   num_byzantine (1), multi (1), as median
+    multi_krum              Krum                   num_byzantine (1), multi (None: K - f), ...
+    dp_fedavg               CentralDP              clip_norm, noise_multiplier (required)
+    ======================  =====================  ==========================================
+
+    ``rng`` (a seeded ``numpy.random.Generator``) is required by dp_fedavg only. The
+    options are checked now: an unknown name, option or bad value raises ``ValueError``.
+    For fedavgm/fedadam the returned factory holds the optimiser state for the life of
+    the federation.
+
+    >>> f = make_strategy_factory("median", 2, {})
+    >>> s = f(2); s.add(np.array([1.0, 2.0], np.float32), 5); s.finish(np.zeros(2, np.float32)).tolist()
+    [1.0, 2.0]
+    >>> make_strategy_factory("bulyan", 2, {})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: unknown strategy 'bulyan'; known: fedavg, mean, fedavgm, fedadam, median, ...
+    """
+    options = dict(options)
+    if name == "fedavg":
+        return _per_round(name, FedAvg, num_params, options)
+    if name == "mean":
+        if "weighted" in options:
+            raise ValueError("strategy 'mean' is unweighted by definition; use 'fedavg' to choose")
+        return _per_round(name, FedAvg, num_params, {**options, "weighted": False})
+    if name in ("fedavgm", "fedadam"):
+        return _build(name, FedAvgM if name == "fedavgm" else FedAdam, num_params, options).factory()
+    if name in ("median", "trimmed_mean"):
+        return _per_round(name, Median if name == "median" else TrimmedMean, num_params, options)
+    if name in ("krum", "multi_krum"):
+        return _per_round(name, Krum, num_params, {"multi": 1 if name == "krum" else None, **options})
+    if name == "dp_fedavg":
+        if rng is None:
+            raise ValueError("strategy 'dp_fedavg' needs rng: a seeded numpy.random.Generator")
+        return _per_round(name, CentralDP, num_params, {**options, "rng": rng})
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
