@@ -50,7 +50,7 @@ class ModelSection:
 
 @dataclass(frozen=True, slots=True)
 class ServiceSection:
-    client_id: str = "fedsync-coordinator"
+    client_id: str = "coordinator"
     seed: int = 0  # device selection RNG
     tick_interval: float = 0.1  # seconds between deadline checks
     log_level: str = "info"

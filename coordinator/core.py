@@ -251,11 +251,13 @@ class CoordinatorCore:
 
     def _maybe_open(self, now: float) -> list:
         p = self.policy
-        if self.finished or self.round is not None or len(self.online) < max(1, p.min_devices):
+        if self.finished or self.round is not None:
             return []
         if p.rounds and self.stats.rounds_committed >= p.rounds:
             self.finished = True
             return [self._manifest_publish(self._idle_manifest(now, "finished"))]
+        if len(self.online) < max(1, p.min_devices):
+            return []
         candidates = sorted(self.online)
         k = min(len(candidates), math.ceil(p.target * (1.0 + p.over_select)))
         selected = tuple(sorted(self.rng.sample(candidates, k)))
@@ -305,7 +307,7 @@ class CoordinatorCore:
             event = RoundClosed(r.manifest.round_id, "abandoned", self.version, tuple(sorted(r.selected)),
                                 accepted, r.manifest.issued_at, now, reason)
             out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
-        return [event] + out
+        return out + [event]  # observers hear of the round after its messages are queued
 
     # -- message construction -------------------------------------------------
 

@@ -34,7 +34,7 @@ class CoordinatorService:
     """
 
     def __init__(self, core: CoordinatorCore, broker: str, *, credentials: Credentials = Credentials(),
-                 client_id: str = "fedsync-coordinator", keepalive: int = 15, tick_interval: float = 0.1,
+                 client_id: str = "coordinator", keepalive: int = 15, tick_interval: float = 0.1,
                  on_event: EventHandler | None = None, clock: Callable[[], float] = time.time) -> None:
         self.core = core
         self.clock = clock

@@ -31,6 +31,7 @@ class AgentSection:
     device_id: str | None = None  # also the MQTT client id and (by default) username
     resend_after: float = 10.0  # seconds without ack progress before missing shards are re-sent
     seed: int = 0
+    train_delay: float = 0.0  # extra seconds per local fit: simulates a slow device in labs
     log_level: str = "info"
 
 

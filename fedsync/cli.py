@@ -181,7 +181,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
     data = synthetic_federation(d.alpha, d.beta, num_devices=d.num_devices, seed=d.seed)[index]
     trainer = NumpyTrainer(build_model(d.model, data.x_train.shape[1], 10, d.hidden), data)
     host = AgentHost(cfg.broker.url, Topics(cfg.federation.name),
-                     [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id))],
+                     [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id), cfg.agent.train_delay)],
                      seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after)
     log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, samples=data.num_train)
     host.start()

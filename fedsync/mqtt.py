@@ -110,6 +110,7 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._backoff = backoff or Backoff(0.2, 15.0, random.Random())
         self.connects = 0
+        self.published = 0
         self.published_ok = 0
         self.last_refusal: str | None = None
 
@@ -141,7 +142,20 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; paho sends it now or after the next reconnect."""
+        with self._lock:
+            self.published += 1
         return self.client.publish(topic, payload, qos=qos, retain=retain).mid
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the broker has acknowledged every publish so far (PUBACK/PUBCOMP;
+        for QoS 0, until written). False on timeout, e.g. while disconnected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.published_ok >= self.published:
+                    return True
+            time.sleep(0.005)
+        return False
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         with self._lock:
@@ -163,6 +177,7 @@ class MqttLink:
         """Stop the loop. ``disconnect=False`` drops the socket without DISCONNECT,
         so the broker publishes the last will (a crash, as the broker sees it)."""
         if disconnect and self.connected.is_set():
+            self.flush(timeout)  # a clean stop delivers what was queued (the final manifest, say)
             self.client.disconnect()
             deadline = time.monotonic() + 2.0
             while self.connected.is_set() and time.monotonic() < deadline:
@@ -238,7 +253,8 @@ class MqttLink:
         self._guard(self._on_message, msg.topic, bytes(msg.payload))
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self.published_ok += 1
+        with self._lock:
+            self.published_ok += 1
 
     def _guard(self, fn, *args) -> None:
         try:
