@@ -7,6 +7,7 @@ installed); ``broker`` is a fresh, password-protected broker for one test, stopp
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,10 @@ BROKER_USERS: dict[str, str] = {
     "coordinator": "coordinator-secret",
     **{f"dev-{i}": f"dev-{i}-secret" for i in range(DEVICE_COUNT)},
 }
+
+# In CI a missing mosquitto is an install bug, not a reason to skip half the suite.
+if os.environ.get("CI") and not mosquitto_available():
+    raise RuntimeError("CI: mosquitto is not installed; .ci/run must install it")
 
 BROKER_KINDS = [
     "amqtt",
