@@ -64,6 +64,7 @@ class LocalFederation:
     keepalive: int = 15
     resend_after: float = 10.0
     train_delays: dict[str, float] = field(default_factory=dict)
+    ca_file: str | None = None  # TLS: CA that signed the broker's certificate (use an mqtts:// URL)
     on_round: object = None  # callable(RoundRecord)
 
     data: list[DeviceData] = field(init=False)
@@ -84,9 +85,9 @@ class LocalFederation:
                                rng=random.Random(self.seed))
         self.spec = core.spec
         self.coordinator = CoordinatorService(
-            core, self.broker_url, credentials=Credentials("coordinator", self.users["coordinator"]),
+            core, self.broker_url, credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),
             keepalive=self.keepalive, on_event=self._on_event)
-        specs = [DeviceSpec(d, NumpyTrainer(self.model, self.data[i]), Credentials(d, self.users[d]),
+        specs = [DeviceSpec(d, NumpyTrainer(self.model, self.data[i]), Credentials(d, self.users[d], self.ca_file),
                             self.train_delays.get(d, 0.0))
                  for i, d in enumerate(device_ids(self.n_devices))]
         self.host = AgentHost(self.broker_url, topics, specs, seed=self.seed, keepalive=self.keepalive,

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--users", help="file of 'name:password' lines; without it, anonymous login is allowed")
 
+    p = sub.add_parser("broker-config", help="render a ready mosquitto setup (TLS, passwords, ACL)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("coordinator", help="run the coordinator")
     _broker_flags(p)
     p.add_argument("--federation")
@@ -113,6 +117,12 @@ def cmd_broker(a: argparse.Namespace) -> int:
         write_password_file(f"{d}/passwd", users)
         run_embedded(a.host, a.port, f"{d}/passwd")
     return 0
+
+
+def cmd_broker_config(a: argparse.Namespace) -> int:
+    from broker_config.render import main as render_main
+
+    return render_main(a.rest)
 
 
 def cmd_coordinator(a: argparse.Namespace) -> int:
@@ -261,7 +271,7 @@ class _StatusConfig:
     broker: BrokerSection = BrokerSection()
 
 
-_COMMANDS = {"broker": cmd_broker, "coordinator": cmd_coordinator, "agent": cmd_agent,
+_COMMANDS = {"broker": cmd_broker, "broker-config": cmd_broker_config, "coordinator": cmd_coordinator, "agent": cmd_agent,
              "status": cmd_status, "demo": cmd_demo}
 
 if __name__ == "__main__":
