@@ -6,7 +6,16 @@ Theory of operation
 (``on_message``), the passage of time (``tick``) and its own start
 (``start``) — each with ``now`` as an argument, and returns a list of
 :mod:`fedsync.actions` (mostly ``Publish``) plus :class:`RoundClosed` events.
-Randomness (device selection) comes from a seeded ``random.Random``.
+Randomness (device selection) comes from ``random.Random(f"{seed}:{round_id}")``,
+so a coordinator restarted from its journal selects exactly as before.
+
+Durability (see ``coordinator/journal.py``): the core emits ``JournalShard``
+for every shard it newly holds, ``RoundOpened`` when a round opens and
+``Checkpoint`` whenever the committed state changes. The service makes the
+first two durable before it acknowledges anything to the broker, and writes
+checkpoints atomically; :meth:`CoordinatorCore.restore` and
+:meth:`CoordinatorCore.resume_round` rebuild the core after a crash, and
+replaying the journalled shards through ``on_message`` rebuilds the round.
 
 Round state machine (one round at a time; see docs/protocol.md):
 
@@ -32,7 +41,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -109,15 +118,14 @@ class _Round:
 class CoordinatorCore:
     """Runs synchronous federated rounds over the topic tree of ``topics``.
 
-    >>> import random
     >>> core = CoordinatorCore(Topics("t"), {"w": np.zeros(3, np.float32)}, RoundPolicy(rounds=1),
-    ...                        hyper={}, incarnation=1, rng=random.Random(0))
+    ...                        hyper={}, incarnation=1, seed=0)
     >>> [a.topic for a in core.start(now=0.0)][:2]
     ['fedsync/t/coordinator/status', 'fedsync/t/model/0/0']
     """
 
     def __init__(self, topics: Topics, params: dict[str, np.ndarray], policy: RoundPolicy, *,
-                 hyper: dict[str, float], incarnation: int, rng: random.Random,
+                 hyper: dict[str, float], incarnation: int, seed: int,
                  strategy_factory=None, first_round_id: int = 1, model_version: int = 0) -> None:
         from fedsync.params import flatten, spec_of
 
@@ -125,7 +133,7 @@ class CoordinatorCore:
         self.policy = policy
         self.hyper = dict(hyper)
         self.incarnation = incarnation
-        self.rng = rng
+        self.seed = seed
         self.spec: ParamSpec = spec_of(params)
         self.vector = flatten(params, self.spec)
         self.version = model_version
@@ -134,18 +142,66 @@ class CoordinatorCore:
         self.round: _Round | None = None
         self.next_round_id = first_round_id
         self.finished = False
+        self.closed_through = first_round_id - 1  # id of the last round that closed
         self._strategy_factory = strategy_factory or (lambda n: FedAvg(n))
         # Accepted update ids of the last few closed rounds, so late redeliveries count as duplicates.
         self._recent: dict[int, dict[str, str]] = {}
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
-    # -- inputs -------------------------------------------------------------
+    # -- durability ----------------------------------------------------------
 
-    def start(self, now: float) -> list:
+    def checkpoint(self) -> Checkpoint:
+        s = self.stats
+        stats = {f: getattr(s, f) for f in s.__dataclass_fields__ if f != "rejected_by_reason"}
+        stats["rejected_by_reason"] = dict(s.rejected_by_reason)
+        return Checkpoint(self.version, self.vector.copy(), self.next_round_id, self.closed_through, self.finished,
+                          {r: dict(d) for r, d in self._recent.items()}, stats)
+
+    def restore(self, ck: Checkpoint) -> None:
+        """Load a checkpoint written by an earlier incarnation (before ``start``)."""
+        if ck.vector.size != self.vector.size:
+            raise ValueError(f"checkpoint has {ck.vector.size} params, the model has {self.vector.size}")
+        self.version, self.vector = ck.version, ck.vector.astype(np.float32)
+        self.next_round_id, self.finished = ck.next_round_id, ck.finished
+        self.closed_through = ck.closed_through
+        self._recent = {int(r): dict(d) for r, d in ck.recent.items()}
+        for name, value in ck.stats.items():
+            if name == "rejected_by_reason":
+                self.stats.rejected_by_reason = Counter(value)
+            elif name in self.stats.__dataclass_fields__:
+                setattr(self.stats, name, value)
+
+    def resume_round(self, manifest: RoundManifest) -> None:
+        """Re-open the round a crashed incarnation had open (same id, selection and deadline).
+
+        The journalled shards are then replayed through :meth:`on_message`.
+        """
+        if manifest.model_version != self.version or manifest.num_params != self.vector.size:
+            raise ValueError("round journal does not match the checkpointed model")
+        layout = RoundLayout(manifest.round_id, self.version, self.vector.size, manifest.shard_values,
+                             manifest.update_codec)
+        self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
+                            frozenset(manifest.selected))
+        self.next_round_id = max(self.next_round_id, manifest.round_id + 1)
+
+    def retained_state(self, now: float) -> list:
+        """Everything the coordinator keeps retained on the broker, to (re)publish it."""
         status = PeerStatus("coordinator", "online", self.incarnation)
         out: list = [Publish(self.topics.coordinator_status, encode(status), 1, True)]
         out += self._publish_model()
-        out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
+        if self.round is not None:
+            # Same round, new incarnation: devices learn of the restart and keep going.
+            out.append(self._manifest_publish(replace(self.round.manifest, incarnation=self.incarnation)))
+        elif self.finished:
+            out.append(self._manifest_publish(self._idle_manifest(now, "finished")))
+        return out
+
+    # -- inputs -------------------------------------------------------------
+
+    def start(self, now: float) -> list:
+        out = self.retained_state(now)
+        if self.round is None and not self.finished:
+            out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
         return self._count_out(out)
 
     def tick(self, now: float) -> list:
@@ -177,6 +233,7 @@ class CoordinatorCore:
         self.stats.bytes_in += len(payload)
         where = self.topics.parse_up(topic)
         shard = decode(payload, UpdateShard)
+        self._current_payload = payload
         if (shard.device, shard.round_id, shard.update_id, shard.index) != (
                 where.device, where.round_id, where.update_id, where.shard):
             raise ProtocolError("topic", "topic_mismatch", "payload names another device, round, update or shard")
@@ -203,6 +260,9 @@ class CoordinatorCore:
     def _after_shard(self, r: _Round, shard: UpdateShard, o: ShardOutcome, now: float) -> list:
         out: list = []
         status = {"accepted": "partial", "complete": "accepted", "duplicate": "partial", "rejected": "partial"}[o.kind]
+        if o.kind in ("accepted", "complete"):
+            out.append(JournalShard(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
+                                    self._current_payload))
         if o.kind == "accepted":
             self.stats.shards_accepted += 1
         elif o.kind == "duplicate":
@@ -260,14 +320,16 @@ class CoordinatorCore:
             return []
         candidates = sorted(self.online)
         k = min(len(candidates), math.ceil(p.target * (1.0 + p.over_select)))
-        selected = tuple(sorted(self.rng.sample(candidates, k)))
+        # Selection depends only on (seed, round id, who is online): a restarted coordinator picks the same.
+        rng = random.Random(f"{self.seed}:{self.next_round_id}")
+        selected = tuple(sorted(rng.sample(candidates, k)))
         target = min(p.target, k)
         manifest = self._manifest(now, "open", selected, target, min(p.quorum, target))
         layout = RoundLayout(manifest.round_id, self.version, self.vector.size, p.shard_values, p.update_codec)
         self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
                             frozenset(selected))
         self.next_round_id += 1
-        return [self._manifest_publish(manifest)]
+        return [RoundOpened(manifest), self._manifest_publish(manifest)]
 
     def _check_early_close(self, now: float) -> list:
         r = self.round
@@ -291,21 +353,23 @@ class CoordinatorCore:
             del self._recent[old_round]
         committed = len(accepted) >= r.manifest.quorum
         new_vector = r.strategy.finish(self.vector) if committed else None
+        self.closed_through = r.manifest.round_id
         out: list = []
         if new_vector is not None:
             old_version = self.version
             self.vector, self.version = new_vector, self.version + 1
             self.stats.rounds_committed += 1
-            out += self._publish_model()
+            # Checkpoint before anything is published: the service makes it durable first.
+            out += [self.checkpoint()] + self._publish_model()
             event = RoundClosed(r.manifest.round_id, "committed", self.version, tuple(sorted(r.selected)),
                                 accepted, r.manifest.issued_at, now, reason, self.vector, _mean_metrics(r.metrics))
-            opened = self._maybe_open(now)
-            out += opened or [self._manifest_publish(self._idle_manifest(now))]
+            out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
             out += self._clear_model(old_version)
         else:
             self.stats.rounds_abandoned += 1
             event = RoundClosed(r.manifest.round_id, "abandoned", self.version, tuple(sorted(r.selected)),
                                 accepted, r.manifest.issued_at, now, reason)
+            out += [self.checkpoint()]
             out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
         return out + [event]  # observers hear of the round after its messages are queued
 
@@ -353,6 +417,34 @@ class CoordinatorCore:
     def _count_out(self, actions: list) -> list:
         self.stats.bytes_out += sum(len(a.payload) for a in actions if isinstance(a, Publish))
         return actions
+
+
+@dataclass(frozen=True, slots=True)
+class JournalShard:
+    """Adapter: make this shard durable before acknowledging it to the broker."""
+
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOpened:
+    """Adapter: start a new round journal headed by this manifest."""
+
+    manifest: RoundManifest
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The committed state of a coordinator: everything but the open round."""
+
+    version: int
+    vector: np.ndarray
+    next_round_id: int
+    closed_through: int  # rounds up to this id are settled
+    finished: bool
+    recent: dict[int, dict[str, str]]
+    stats: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,7 @@ class LocalFederation:
         topics = Topics(self.federation)
         core = CoordinatorCore(topics, params, self.policy, hyper=self.hyper,
                                incarnation=random.Random(self.seed).getrandbits(62) + 1,
-                               rng=random.Random(self.seed))
+                               seed=self.seed)
         self.spec = core.spec
         self.coordinator = CoordinatorService(
             core, self.broker_url, credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),

@@ -72,8 +72,8 @@ class AgentHost:
                              resend_after=resend_after)
             offline = encode(PeerStatus(spec.device_id, "offline"))
             link = MqttLink(spec.device_id, broker,
-                            on_message=lambda t, p, d=spec.device_id: self._inbox.put(("msg", d, t, p)),
-                            on_connect=lambda d=spec.device_id: self._inbox.put(("connect", d)),
+                            on_message=lambda t, p, _tok, d=spec.device_id: self._inbox.put(("msg", d, t, p)),
+                            on_connect=lambda _sp, d=spec.device_id: self._inbox.put(("connect", d)),
                             will=(topics.status(spec.device_id), offline, 1, True),
                             credentials=spec.credentials, keepalive=keepalive,
                             backoff=Backoff(0.2, 15.0, random.Random(f"backoff:{seed}:{spec.device_id}")))

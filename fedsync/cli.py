@@ -147,7 +147,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     params = model.init_params(np.random.default_rng(m.seed))
     incarnation = time.time_ns() & ((1 << 62) - 1)
     core = CoordinatorCore(Topics(cfg.federation.name), params, cfg.round, hyper=cfg.train,
-                           incarnation=incarnation, rng=random.Random(cfg.coordinator.seed))
+                           incarnation=incarnation, seed=cfg.coordinator.seed)
     service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
                                  client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
                                  tick_interval=cfg.coordinator.tick_interval)
@@ -217,7 +217,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     topics = Topics(a.federation)
     seen: dict[str, bytes] = {}
     client_id = f"fedsync-status-{secrets.token_hex(3)}"
-    link = MqttLink(client_id, cfg.broker.url, on_message=lambda t, p: seen.__setitem__(t, p),
+    link = MqttLink(client_id, cfg.broker.url, on_message=lambda t, p, _tok: seen.__setitem__(t, p),
                     credentials=credentials_from(cfg.broker, None), clean_session=True,
                     keepalive=cfg.broker.keepalive)
     link.subscribe(topics.manifest, 1)

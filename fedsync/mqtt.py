@@ -34,7 +34,9 @@ from fedsync.log import log_event
 
 log = logging.getLogger("fedsync.mqtt")
 
-MessageHandler = Callable[[str, bytes], None]
+# (topic, payload, token): with manual_ack the token is (mid, qos) to pass to MqttLink.ack once the
+# message is safely handled; otherwise None (paho acknowledged it on receipt).
+MessageHandler = Callable[[str, bytes, "tuple[int, int] | None"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +90,12 @@ class Backoff:
 class MqttLink:
     """A persistent, self-reconnecting MQTT connection for one client id.
 
-    ``on_message(topic, payload)`` and ``on_connect()`` run on the link's
-    thread; keep them short (hand work to a queue).
+    ``on_message(topic, payload, token)`` and ``on_connect(session_present)``
+    run on the link's thread; keep them short (hand work to a queue).
     """
 
     def __init__(self, client_id: str, broker: str, *, on_message: MessageHandler,
-                 on_connect: Callable[[], None] | None = None,
+                 on_connect: Callable[[bool], None] | None = None,
                  will: tuple[str, bytes, int, bool] | None = None,
                  credentials: Credentials = Credentials(), keepalive: int = 15,
                  clean_session: bool = False, max_inflight: int = 32,
@@ -129,6 +131,7 @@ class MqttLink:
         c.on_message = self._handle_message
         c.on_publish = self._handle_publish
         self.client = c
+        self.manual_ack = manual_ack
 
     # -- public API --------------------------------------------------------------
 
@@ -169,9 +172,14 @@ class MqttLink:
         if self.connected.is_set():
             self.client.unsubscribe(topic_filter)
 
-    def ack(self, mid: int, qos: int) -> None:
-        """Manual acknowledgement (``manual_ack=True``): send PUBACK/PUBREC now."""
-        self.client.ack(mid, qos)
+    def ack(self, token: tuple[int, int] | None) -> None:
+        """Manual acknowledgement (``manual_ack=True``): send PUBACK / PUBREC now.
+
+        MQTT 3.1.1 §4.3.2: until the PUBACK, the broker keeps the message and
+        redelivers it (DUP set) if the session reconnects, so a crash between
+        receipt and ack loses nothing."""
+        if token is not None and token[1] > 0:
+            self.client.ack(*token)
 
     def stop(self, disconnect: bool = True, timeout: float = 5.0) -> None:
         """Stop the loop. ``disconnect=False`` drops the socket without DISCONNECT,
@@ -244,13 +252,14 @@ class MqttLink:
         self.connected.set()
         log_event(log, "connected", logging.DEBUG, client=self.client_id, session_present=flags.session_present)
         if self._on_connect is not None:
-            self._guard(self._on_connect)
+            self._guard(self._on_connect, bool(flags.session_present))
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
 
     def _handle_message(self, client, userdata, msg) -> None:
-        self._guard(self._on_message, msg.topic, bytes(msg.payload))
+        token = (msg.mid, msg.qos) if self.manual_ack else None
+        self._guard(self._on_message, msg.topic, bytes(msg.payload), token)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
