@@ -48,12 +48,15 @@ class Codec:
     encode: Callable[[np.ndarray], bytes]
     decode: Callable[[bytes, int], np.ndarray]
     lossless: bool
+    bound: Callable[[np.ndarray], np.ndarray] | None = None  # per-value error bound of a lossy codec
 
     def error_bound(self, values: np.ndarray) -> np.ndarray:
         """Per-value absolute error this codec promises for ``values``."""
         if self.lossless:
             return np.zeros_like(values, dtype=np.float32)
-        return np.maximum(np.abs(values) * 2.0**-11, 2.0**-25)
+        if self.bound is None:
+            raise NotImplementedError(f"codec {self.name!r} states no per-value bound")
+        return self.bound(values)
 
 
 def _shuffle(raw: bytes, width: int) -> bytes:
@@ -69,6 +72,19 @@ def _zstd_compress(data: bytes, level: int = 1) -> bytes:
 
 
 def _zstd_decompress(data: bytes, expect: int) -> bytes:
+    """One zstd frame holding exactly ``expect`` bytes, checked before allocating.
+
+    python-zstandard's one-shot ``decompress`` allocates whatever size the frame
+    header declares and ignores ``max_output_size`` when one is declared (a
+    37-byte frame claiming 1 TiB raises MemoryError), so the header is read first.
+    Our encoders always write the content size; "unknown" counts as wrong too.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise ProtocolError("data", "codec", f"zstd header: {exc}") from None
+    if declared != expect:
+        raise ProtocolError("data", "size", f"zstd frame declares {declared} bytes, expected {expect}")
     try:
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expect)
     except zstandard.ZstdError as exc:
@@ -126,7 +142,8 @@ def register(codec: Codec) -> Codec:
 
 register(Codec("raw", _raw_encode, _raw_decode, lossless=True))
 register(Codec("zstd", _zstd_encode, _zstd_decode, lossless=True))
-register(Codec("fp16", _fp16_encode, _fp16_decode, lossless=False))
+register(Codec("fp16", _fp16_encode, _fp16_decode, lossless=False,
+               bound=lambda v: np.maximum(np.abs(v) * 2.0**-11, 2.0**-25)))
 
 
 def get_codec(name: str) -> Codec:
@@ -138,3 +155,7 @@ def get_codec(name: str) -> Codec:
 
 def codec_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# The lossy update codecs (int8, top-k) register themselves; imported last so they can use the above.
+import fedsync.compress  # noqa: E402,F401

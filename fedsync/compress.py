@@ -67,7 +67,7 @@ from fractions import Fraction
 import numpy as np
 import zstandard
 
-from fedsync.codecs import Codec, _shuffle, _unshuffle, _zstd_compress, register
+from fedsync.codecs import Codec, _shuffle, _unshuffle, _zstd_compress, _zstd_decompress, register
 from fedsync.errors import ProtocolError
 
 __all__ = [
@@ -97,27 +97,7 @@ def _bad(reason: str, detail: str) -> ProtocolError:
     return ProtocolError("data", reason, detail)
 
 
-def _decompress(data: bytes, expect: int) -> bytes:
-    """One zstd frame holding exactly ``expect`` bytes, checked before allocating.
-
-    zstandard's one-shot ``decompress`` allocates whatever size the frame header
-    declares and ignores ``max_output_size`` when one is declared: a 20-byte frame
-    claiming 1 TiB makes it raise ``MemoryError``. So the header is read first.
-    """
-    try:
-        declared = zstandard.get_frame_parameters(data).content_size
-    except zstandard.ZstdError as exc:
-        raise _bad("codec", f"zstd header: {exc}") from None
-    if declared != expect:
-        # Our encoders always write the content size; "unknown" counts as wrong too.
-        raise _bad("size", f"zstd frame declares {declared} bytes, expected {expect}")
-    try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expect)
-    except zstandard.ZstdError as exc:
-        raise _bad("codec", f"zstd: {exc}") from None
-    if len(out) != expect:
-        raise _bad("size", f"decoded {len(out)} bytes, expected {expect}")
-    return out
+_decompress = _zstd_decompress  # one bounded zstd decoder, in fedsync.codecs
 
 
 def _check_length(length: int) -> int:
@@ -424,6 +404,6 @@ class ErrorFeedback:
         return ef
 
 
-register(Codec("int8", _int8_encode, _int8_decode, lossless=False))
+register(Codec("int8", _int8_encode, _int8_decode, lossless=False, bound=int8_error_bound))
 register(topk_codec(0.1, name="topk"))
 register(topk_codec(0.01, name="topk1"))

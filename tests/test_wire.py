@@ -187,3 +187,19 @@ def test_topics_parse_and_reject():
         with pytest.raises(ProtocolError):
             t.parse_up(bad)
     assert update_digest([b"a" * 16]) != update_digest([b"b" * 16])
+
+
+def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating():
+    import zstandard
+
+    honest = zstandard.ZstdCompressor(level=1).compress(b"\0" * 1024)
+    params = zstandard.get_frame_parameters(honest)
+    assert params.content_size == 1024
+    # A hostile frame: declares 1 TiB of content in its header.
+    cctx = zstandard.ZstdCompressor(level=1)
+    chunker = cctx.compressobj(size=1 << 40)
+    bomb = chunker.compress(b"\0" * 16) + chunker.flush()
+    for name in ("zstd", "fp16", "int8", "topk"):
+        with pytest.raises(ProtocolError) as exc:
+            get_codec(name).decode(bomb, 4)
+        assert exc.value.field == "data"
