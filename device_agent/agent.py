@@ -56,6 +56,32 @@ class Train:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """A finished update as persisted on the device before upload (see outbox.py)."""
+
+    round_id: int
+    update_id: str
+    qos: int
+    topics: tuple[str, ...]
+    payloads: tuple[bytes, ...]
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SaveOutbox:
+    """Adapter: persist this record durably before carrying out the actions after it."""
+
+    record: OutboxRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ClearOutbox:
+    """Adapter: the update of this round needs no more sending; delete it."""
+
+    round_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The federation has finished; the adapter may stop."""
 
@@ -86,11 +112,17 @@ class _Upload:
     update_id: str
     payloads: list[bytes]
     topics: list[str]
-    delta: np.ndarray  # kept so a rejected update can be re-sent under a fresh id
     num_samples: int
     metrics: dict[str, float]
+    delta: np.ndarray | None = None  # kept so a rejected update can be re-sent under a fresh id
     held: set[int] = field(default_factory=set)
     retries: int = 0
+
+    def record(self, qos: int) -> OutboxRecord:
+        return OutboxRecord(self.round_id, self.update_id, qos, tuple(self.topics), tuple(self.payloads), self.retries)
+
+
+RESUME_GRACE = 1.0  # seconds to wait for the retained receipt before re-sending a restored upload
 
 
 class AgentCore:
@@ -115,6 +147,7 @@ class AgentCore:
         self._fetch: dict[int, np.ndarray] = {}
         self._upload: _Upload | None = None
         self._progress_at = 0.0
+        self.feedback = None  # fedsync.compress.ErrorFeedback, for biased codecs (top-k)
 
     # -- inputs -----------------------------------------------------------------
 
@@ -145,10 +178,37 @@ class AgentCore:
         if m is None or self.state != "training" or m.round_id != round_id or self._model is None:
             return [Note("update_dropped", {"round": round_id, "reason": "round closed"})]
         delta = flatten(params, m.param_spec) - self._model[2]
+        codec = get_codec(m.update_codec)
+        if codec.name.startswith("topk"):
+            delta = self._feedback_compensate(delta, codec, m)
         self._upload = self._encode(m, delta, num_samples, metrics)
         self.state = "uploading"
         self._progress_at = now
-        return self._send(range(len(self._upload.payloads)))
+        # Persist first: a crash after this line resumes the upload instead of retraining.
+        return [SaveOutbox(self._upload.record(m.update_qos))] + self._send(range(len(self._upload.payloads)))
+
+    def restore(self, record: OutboxRecord) -> None:
+        """Resume an update persisted by an earlier run (call before ``on_connect``).
+
+        Sending resumes once the retained manifest confirms the round is still open;
+        if it is not, the update is dropped with a log line."""
+        first = decode(record.payloads[0], UpdateShard)
+        self._upload = _Upload(record.round_id, record.update_id, list(record.payloads), list(record.topics),
+                               first.num_samples, dict(first.metrics), None, retries=record.retries)
+        self.state = "restored"
+
+    def _feedback_compensate(self, delta: np.ndarray, codec, m: RoundManifest) -> np.ndarray:
+        """Error feedback for top-k (Karimireddy et al. 2019): send delta + residual; keep what
+        the codec dropped for the next round. The residual lives on the device only."""
+        from fedsync.compress import ErrorFeedback
+
+        if self.feedback is None or self.feedback.num_params != delta.size:
+            self.feedback = ErrorFeedback(delta.size)
+        compensated = self.feedback.compensate(delta)
+        decoded = np.concatenate([codec.decode(codec.encode(compensated[o:o + n]), n)
+                                  for o, n in shard_slices(m.num_params, m.shard_values)])
+        self.feedback.update(compensated, decoded)
+        return decoded  # what the coordinator will see; re-encoding it is exact for top-k
 
     def tick(self, now: float) -> list:
         up = self._upload
@@ -168,16 +228,22 @@ class AgentCore:
         self.manifest = m
         if m.state == "finished":
             self.state = "finished"
-            return self._stop_fetch(old) + [Finished()]
+            return self._stop_fetch(old) + [Finished()]  # a pending upload still takes its late receipt
+        up = self._upload
+        if up is not None and up.round_id == m.round_id and m.state == "open":
+            # Same round (a redelivery, a coordinator restart, or our own restart from the outbox):
+            # keep uploading; the coordinator's receipt says which shards it holds.
+            if self.state != "uploading":
+                self.state = "uploading"
+                self._progress_at = now - self.resend_after + RESUME_GRACE
+            return []
         same_round = old is not None and old.round_id == m.round_id and old.state == m.state == "open"
-        if same_round and old.incarnation == m.incarnation:
-            return []  # redelivered retained manifest
+        if same_round and self.state in ("fetching", "training", "done"):
+            return []  # nothing changed for us (a redelivery or a coordinator restart)
         out = self._stop_fetch(old)
-        if self._upload is not None and self._upload.round_id != m.round_id:
-            out.append(Note("update_dropped", {"round": self._upload.round_id, "reason": "round closed"}))
+        if up is not None:
+            out += [Note("update_dropped", {"round": up.round_id, "reason": "round closed"}), ClearOutbox(up.round_id)]
             self._upload = None
-        if same_round and self.state in ("uploading", "done"):
-            return out  # coordinator restarted mid-round: keep going, acks tell what it holds
         self.state = "idle"
         if m.state != "open" or self.device_id not in m.selected:
             return out
@@ -238,7 +304,7 @@ class AgentCore:
                                 m.num_params, codec.name, num_samples, dg, whole, data, metrics)
             payloads.append(encode(shard))
             topics.append(self.topics.up(self.device_id, m.round_id, update_id, i))
-        return _Upload(m.round_id, update_id, payloads, topics, delta, num_samples, metrics)
+        return _Upload(m.round_id, update_id, payloads, topics, num_samples, metrics, delta)
 
     def _send(self, indices) -> list:
         up = self._upload
@@ -263,18 +329,20 @@ class AgentCore:
         if len(held) > len(up.held):
             self._progress_at = now
         up.held = held
-        if ack.status in ("accepted", "duplicate", "closed"):
+        if ack.status in ("accepted", "duplicate", "closed", "refused"):
             # The receipt may arrive after the final manifest (no ordering across topics).
             self.state = "finished" if self.state == "finished" else "done"
             self._upload = None
             if ack.status == "accepted":
                 self.stats.rounds_accepted += 1
-            return [Note("round_done", {"round": ack.round_id, "status": ack.status})]
+            return [Note("round_done", {"round": ack.round_id, "status": ack.status, "reason": ack.reason}),
+                    ClearOutbox(ack.round_id)]
         if ack.status == "rejected":
             self.stats.updates_rejected += 1
             if up.retries >= self.max_retries or self.state == "finished":
                 self.state, self._upload = ("finished" if self.state == "finished" else "done"), None
-                return [Note("update_given_up", {"round": ack.round_id, "reason": ack.reason})]
+                return [Note("update_given_up", {"round": ack.round_id, "reason": ack.reason}),
+                        ClearOutbox(ack.round_id)]
             assert self.manifest is not None
             # The coordinator forgot the bad update; send the same delta under a fresh id.
             return [Note("update_rejected", {"round": ack.round_id, "reason": ack.reason})] + self._reencode(now)
@@ -283,8 +351,14 @@ class AgentCore:
     def _reencode(self, now: float) -> list:
         up = self._upload
         assert up is not None and self.manifest is not None and self._model is not None
-        fresh = self._encode(self.manifest, up.delta, up.num_samples, up.metrics)
+        delta = up.delta if up.delta is not None else self._decode_upload(up)
+        fresh = self._encode(self.manifest, delta, up.num_samples, up.metrics)
         fresh.retries = up.retries + 1
         self._upload = fresh
         self._progress_at = now
-        return self._send(range(len(fresh.payloads)))
+        return [SaveOutbox(fresh.record(self.manifest.update_qos))] + self._send(range(len(fresh.payloads)))
+
+    def _decode_upload(self, up: _Upload) -> np.ndarray:
+        shards = [decode(p, UpdateShard) for p in up.payloads]
+        codec = get_codec(shards[0].codec)
+        return np.concatenate([codec.decode(s.data, s.length) for s in shards])

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_agent.agent import AgentCore, Finished, Note, Train
+from device_agent.agent import AgentCore, ClearOutbox, Finished, Note, SaveOutbox, Train
+from device_agent.outbox import Outbox
 from device_agent.trainer import Trainer
 from fedsync.actions import Publish, Subscribe, Unsubscribe
 from fedsync.log import log_event
@@ -45,7 +46,8 @@ class _Device:
     spec: DeviceSpec
     core: AgentCore
     link: MqttLink
-    rng: np.random.Generator
+    index: int
+    outbox: Outbox | None = None
     finished: bool = False
     killed: bool = False
 
@@ -59,7 +61,7 @@ class AgentHost:
 
     def __init__(self, broker: str, topics: Topics, devices: list[DeviceSpec], *, seed: int = 0,
                  keepalive: int = 15, resend_after: float = 10.0, train_workers: int = 2,
-                 tick_interval: float = 0.2) -> None:
+                 tick_interval: float = 0.2, state_dir: str | None = None) -> None:
         self.topics = topics
         self.tick_interval = tick_interval
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -77,7 +79,14 @@ class AgentHost:
                             will=(topics.status(spec.device_id), offline, 1, True),
                             credentials=spec.credentials, keepalive=keepalive,
                             backoff=Backoff(0.2, 15.0, random.Random(f"backoff:{seed}:{spec.device_id}")))
-            self.devices[spec.device_id] = _Device(spec, core, link, np.random.default_rng([seed, i]))
+            outbox = Outbox(f"{state_dir}/{spec.device_id}") if state_dir else None
+            record = outbox.load() if outbox else None
+            if record is not None:
+                core.restore(record)
+                log_event(log, "outbox_restored", device=spec.device_id, round=record.round_id,
+                          update=record.update_id, shards=len(record.payloads))
+            self.devices[spec.device_id] = _Device(spec, core, link, i, outbox)
+        self.seed = seed
         self.all_finished = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -161,6 +170,12 @@ class AgentHost:
             elif isinstance(a, Finished):
                 d.finished = True
                 self._check_finished()
+            elif isinstance(a, SaveOutbox):
+                if d.outbox is not None:
+                    d.outbox.save(a.record)  # durable before the publishes that follow it
+            elif isinstance(a, ClearOutbox):
+                if d.outbox is not None:
+                    d.outbox.clear(a.round_id)
             elif isinstance(a, Note):
                 log_event(log, a.event, logging.DEBUG, device=d.spec.device_id, **a.fields)
 
@@ -168,7 +183,9 @@ class AgentHost:
         try:
             if d.spec.train_delay:
                 time.sleep(d.spec.train_delay)
-            result = d.spec.trainer.fit(a.params, a.hyper, d.rng)
+            # Seeded per (device, round): a restarted device trains exactly as it would have.
+            rng = np.random.default_rng([self.seed, d.index, a.round_id])
+            result = d.spec.trainer.fit(a.params, a.hyper, rng)
         except Exception:  # noqa: BLE001 - a user trainer's bug must not kill the host
             log.exception("trainer_failed device=%s round=%s", d.spec.device_id, a.round_id)
             return

@@ -236,7 +236,7 @@ class UpdateShard(_Message):
         _check_slice(self.index, self.count, self.offset, self.length, self.num_params)
 
 
-ACK_STATES = ("partial", "accepted", "duplicate", "rejected", "closed")
+ACK_STATES = ("partial", "accepted", "duplicate", "rejected", "closed", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +246,9 @@ class ShardAck(_Message):
     ``held`` is a bitmap (bit i of byte i//8, LSB first) of the shards of
     ``update_id`` the coordinator holds durably. ``status`` tells the device
     whether to keep sending (``partial``), stop (``accepted``, ``duplicate``,
-    ``closed``) or start over (``rejected``, with ``reason``).
+    ``closed``, ``refused`` — the update failed a policy check such as the norm
+    bound and re-sending it would not help) or start over (``rejected``, with
+    ``reason``: it failed verification, e.g. a digest).
     """
 
     device: str

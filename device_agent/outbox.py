@@ -1,0 +1,59 @@
+"""The device's persistent outbox: a finished update survives a crash or a reboot.
+
+One file per device, ``{state_dir}/outbox.cbor``, holding the last finished
+update exactly as it goes on the wire (topics and encoded shard payloads).
+It is written atomically — temporary file, fsync, rename, fsync of the
+directory — before the first shard is published, and removed once the
+coordinator's receipt says the update needs no more sending. After a restart
+the agent loads it and, if the round is still open, re-sends only what the
+coordinator's retained receipt says it lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cbor2
+
+from device_agent.agent import OutboxRecord
+
+
+class Outbox:
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "outbox.cbor"
+
+    def save(self, record: OutboxRecord) -> None:
+        body = {"round_id": record.round_id, "update_id": record.update_id, "qos": record.qos,
+                "topics": list(record.topics), "payloads": list(record.payloads), "retries": record.retries}
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(cbor2.dumps(body))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self) -> OutboxRecord | None:
+        """The persisted update, or None. A corrupt file is set aside, not trusted."""
+        if not self.path.exists():
+            return None
+        try:
+            b = cbor2.loads(self.path.read_bytes())
+            rec = OutboxRecord(int(b["round_id"]), str(b["update_id"]), int(b["qos"]), tuple(b["topics"]),
+                               tuple(bytes(p) for p in b["payloads"]), int(b.get("retries", 0)))
+            if not rec.payloads or len(rec.payloads) != len(rec.topics):
+                raise ValueError("topics and payloads differ in length")
+            return rec
+        except Exception:  # noqa: BLE001 - any damage: keep the evidence, start clean
+            self.path.replace(self.path.with_suffix(".corrupt"))
+            return None
+
+    def clear(self, round_id: int | None = None) -> None:
+        self.path.unlink(missing_ok=True)
