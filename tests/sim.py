@@ -50,7 +50,7 @@ class Sim:
     def __post_init__(self) -> None:
         self.topics = Topics("sim")
         self.coord = CoordinatorCore(self.topics, self.params, self.policy, hyper={"lr": 0.1}, incarnation=1,
-                                     rng=random.Random(self.seed))
+                                     seed=self.seed)
         self.agents = {d: AgentCore(d, self.topics, random.Random(d), resend_after=5.0) for d in self.devices}
         self.retained: dict[str, bytes] = {}
         self.subs: dict[str, set[str]] = {"coordinator": {self.topics.up_filter, self.topics.status_filter}}

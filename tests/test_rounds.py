@@ -218,7 +218,7 @@ def test_over_selection_picks_more_devices_than_the_target():
 
 def test_core_start_publishes_retained_state():
     core = CoordinatorCore(Topics("t"), {"w": np.arange(7, dtype=np.float32)}, RoundPolicy(shard_values=3),
-                           hyper={}, incarnation=9, rng=random.Random(0))
+                           hyper={}, incarnation=9, seed=0)
     out = core.start(now=5.0)
     assert [(a.topic, a.retain) for a in out] == [
         ("fedsync/t/coordinator/status", True), ("fedsync/t/model/0/0", True), ("fedsync/t/model/0/1", True),
