@@ -14,12 +14,19 @@ directory holding everything that process reads or writes::
         mosquitto.acl       copy of the ACL file passed in            [mosquitto]
         data/               mosquitto persistence                     [mosquitto]
 
+With ``federation_acl="demo"`` the broker also enforces the fedsync topic ACL for the
+given users (``broker_config.acl``: mosquitto via an ``acl_file``, amqtt via the plugins
+in ``broker_config.amqtt_auth``). ``BrokerProcess.from_config_dir(dir)`` instead runs
+mosquitto with exactly the configuration ``fedsync broker-config`` rendered into ``dir``
+(TLS listener included; ``url`` is then ``mqtts://``); nothing is generated or rewritten.
+
 The port is chosen once, in the constructor, and the working directory once, at the
 first ``start``; ``restart`` and ``start`` after ``kill`` reuse both, so clients
 reconnect to the same URL and mosquitto finds its persisted retained messages and
 sessions. ``stop`` ends the process and removes a working directory it created itself.
 
-Readiness is "the broker printed its ready line and the port accepts connections"; a
+Readiness is "the broker printed its ready line and the port accepts connections" (a
+TCP connect, which a TLS listener accepts before any handshake); a
 process that exits or is not ready within ``start_timeout`` raises ``RuntimeError``
 carrying the tail of its log.
 
@@ -101,12 +108,16 @@ def render_mosquitto_conf(
     *,
     max_queued_bytes: int = 0,
     user: str | None = None,
+    listeners: str | None = None,
+    extra_settings: str = "",
 ) -> str:
     """Return a mosquitto 2.0 configuration listening on 127.0.0.1:``port``.
 
     ``password_file`` turns anonymous login off; ``acl_file`` restricts topics per user;
     ``user`` overrides the account mosquitto drops to when started as root. Every
-    setting is explained in ``mosquitto.conf.template``.
+    setting is explained in ``mosquitto.conf.template``. ``listeners`` replaces the
+    loopback listener with the given block (``fedsync broker-config`` passes its TLS
+    listeners); ``extra_settings`` is appended verbatim.
 
     >>> conf = render_mosquitto_conf(1883, "/var/lib/fedsync/mosquitto", "/etc/fedsync/passwd", None)
     >>> "listener 1883 127.0.0.1" in conf and "allow_anonymous false" in conf
@@ -126,8 +137,13 @@ def render_mosquitto_conf(
 
     template = string.Template(
         resources.files("broker_config").joinpath("mosquitto.conf.template").read_text(encoding="utf-8"))
+    if listeners is None:
+        listeners = (f"# Loopback only. A broker reachable from the network belongs behind TLS and a reviewed\n"
+                     f"# ACL (`fedsync broker-config`); change this deliberately, never by default.\n"
+                     f"listener {port} 127.0.0.1")
     return template.substitute(
-        port=port,
+        listeners=listeners.rstrip("\n"),
+        extra_settings=extra_settings.rstrip("\n"),
         # mosquitto appends the file name to this path verbatim: it must end with "/".
         persistence_location=data_dir if data_dir.endswith("/") else data_dir + "/",
         allow_anonymous="false" if password_file else "true",
@@ -212,6 +228,8 @@ class BrokerProcess:
         workdir: str | os.PathLike[str] | None = None,
         acl_file: str | None = None,
         *,
+        federation_acl: str | None = None,
+        config_file: str | os.PathLike[str] | None = None,
         start_timeout: float = 15.0,
         stop_timeout: float = 10.0,
     ) -> None:
@@ -219,9 +237,19 @@ class BrokerProcess:
             raise ValueError(f"kind must be 'amqtt' or 'mosquitto', got {kind!r}")
         if acl_file is not None and kind != "mosquitto":
             # amqtt's ACL plugin does not stop retained messages reaching non-subscribers
-            # (DESIGN.md), so accepting an ACL here would promise isolation it cannot give.
+            # (DESIGN.md), so accepting an ACL file here would promise isolation it cannot
+            # give; federation_acl enables what amqtt can enforce (docs/security.md).
             raise ValueError("acl_file is supported for mosquitto only")
+        if federation_acl is not None and (acl_file is not None or not users):
+            raise ValueError("federation_acl needs users and excludes acl_file")
+        self._tls = False
+        if config_file is not None:
+            if kind != "mosquitto" or users or acl_file or federation_acl:
+                raise ValueError("config_file is a complete mosquitto configuration: no users or ACL options")
+            port, self._tls = _listener_of(Path(config_file), port)
         self.kind: BrokerKind = kind
+        self._config_file = Path(config_file).resolve() if config_file is not None else None
+        self._federation_acl = federation_acl
         self._port = port if port is not None else free_port()
         self._users = dict(users) if users else None
         self._acl_source = acl_file
@@ -245,7 +273,24 @@ class BrokerProcess:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{HOST}:{self._port}"
+        return f"{'mqtts' if self._tls else 'mqtt'}://{HOST}:{self._port}"
+
+    @classmethod
+    def from_config_dir(cls, config_dir: str | os.PathLike[str], **kwargs) -> BrokerProcess:
+        """A mosquitto running exactly ``config_dir/mosquitto.conf`` (``fedsync broker-config``).
+
+        The port and TLS come from the config's first ``listener``, which must bind
+        127.0.0.1 (render with ``--bind 127.0.0.1``). The directory is the working
+        directory: ``stop`` leaves it in place, and the broker log goes to
+        ``config_dir/broker.log``. Nothing in it is rewritten, so the files must already
+        be readable by the account mosquitto drops to (the renderer sees to that).
+
+        >>> broker = BrokerProcess.from_config_dir("/tmp/fedsync-broker")  # doctest: +SKIP
+        >>> broker.url  # doctest: +SKIP
+        'mqtts://127.0.0.1:8883'
+        """
+        config_dir = Path(config_dir)
+        return cls("mosquitto", workdir=config_dir, config_file=config_dir / "mosquitto.conf", **kwargs)
 
     @property
     def workdir(self) -> Path | None:
@@ -334,7 +379,8 @@ class BrokerProcess:
 
     def _prepare_amqtt(self) -> tuple[list[str], bytes]:
         assert self._workdir is not None
-        argv = [sys.executable, "-m", "broker_config.embedded", "--host", HOST, "--port", str(self._port)]
+        module = "broker_config.amqtt_auth" if self._federation_acl else "broker_config.embedded"
+        argv = [sys.executable, "-m", module, "--host", HOST, "--port", str(self._port)]
         if self._users:
             passwd = self._workdir / "amqtt.passwd"
             text = _amqtt_password_text(tuple(sorted(self._users.items())))
@@ -342,6 +388,15 @@ class BrokerProcess:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             argv += ["--password-file", str(passwd)]
+        if self._federation_acl:
+            import json
+
+            from broker_config.acl import RESERVED_USERS, amqtt_acl
+
+            devices = [u for u in self._users or {} if u not in RESERVED_USERS]
+            acl = self._workdir / "amqtt-acl.json"
+            acl.write_text(json.dumps(amqtt_acl(self._federation_acl, devices), indent=1), encoding="utf-8")
+            argv += ["--acl-file", str(acl)]
         return argv, b"broker_ready"
 
     def _prepare_mosquitto(self) -> tuple[list[str], bytes]:
@@ -349,6 +404,8 @@ class BrokerProcess:
         program = _find_program("mosquitto")
         if program is None:
             raise RuntimeError("mosquitto not found; install the mosquitto package or use kind='amqtt'")
+        if self._config_file is not None:
+            return [program, "-c", str(self._config_file)], b" running"
         data_dir = self._workdir / "data"
         data_dir.mkdir(exist_ok=True)
         passwd = acl = None
@@ -360,6 +417,13 @@ class BrokerProcess:
             # mosquitto user wherever the original lives.
             acl = self._workdir / "mosquitto.acl"
             shutil.copyfile(self._acl_source, acl)
+            os.chmod(acl, 0o600)
+        elif self._federation_acl:
+            from broker_config.acl import RESERVED_USERS, mosquitto_acl
+
+            acl = self._workdir / "mosquitto.acl"
+            devices = [u for u in self._users or {} if u not in RESERVED_USERS]
+            acl.write_text(mosquitto_acl(self._federation_acl, devices), encoding="utf-8")
             os.chmod(acl, 0o600)
 
         user = None
@@ -433,6 +497,31 @@ class BrokerProcess:
         except OSError as exc:
             return f"(log unreadable: {exc})"
         return "\n".join(lines[-LOG_TAIL_LINES:]) or "(log empty)"
+
+
+def _listener_of(config_file: Path, port: int | None) -> tuple[int, bool]:
+    """(port, tls) of the first ``listener`` in a mosquitto config; it must bind 127.0.0.1."""
+    listener: list[str] | None = None
+    tls = False
+    for raw in config_file.read_text(encoding="utf-8").splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "listener":
+            if listener is not None:
+                break  # settings after the second listener belong to that one
+            listener = words
+        elif listener is not None and words[0] in ("certfile", "keyfile"):
+            tls = True
+    if listener is None or len(listener) < 2 or not listener[1].isdigit():
+        raise ValueError(f"{config_file}: no 'listener PORT ADDRESS' line")
+    if len(listener) < 3 or listener[2] != HOST:
+        # BrokerProcess runs loopback brokers only (tests, demo): never expose one.
+        raise ValueError(f"{config_file}: first listener must bind {HOST} (render with --bind {HOST})")
+    found = int(listener[1])
+    if port is not None and port != found:
+        raise ValueError(f"{config_file}: listener port is {found}, not {port}")
+    return found, tls
 
 
 def _port_accepts(port: int) -> bool:
