@@ -53,6 +53,7 @@ class ServiceSection:
     client_id: str = "coordinator"
     seed: int = 0  # device selection RNG
     tick_interval: float = 0.1  # seconds between deadline checks
+    state_dir: str | None = None  # journal + checkpoints for crash recovery; None = in memory only
     log_level: str = "info"
 
 

@@ -67,8 +67,8 @@ def run_demo(opts: DemoOptions) -> dict:
             if opts.kill:
                 while not fed.records and time.perf_counter() - started < opts.timeout:
                     time.sleep(0.05)
-                for device in list(fed.host.devices)[-opts.kill:]:
-                    fed.host.kill(device)
+                for device in list(fed.hosts)[-opts.kill:]:
+                    fed.kill_device(device)
                     killed.append(device)
             finished = fed.wait(opts.timeout)
             summary = fed.summary()  # before stop(): a clean shutdown is not a drop-out

@@ -66,11 +66,16 @@ class LocalFederation:
     train_delays: dict[str, float] = field(default_factory=dict)
     ca_file: str | None = None  # TLS: CA that signed the broker's certificate (use an mqtts:// URL)
     on_round: object = None  # callable(RoundRecord)
+    state_dir: str | None = None  # journal (coordinator) and outboxes (devices) live here
+    coordinator_url: str | None = None  # default: broker_url (e.g. devices via a chaos proxy, coordinator direct)
+    solo: tuple[str, ...] = ()  # devices hosted alone, so a test can crash and restart them
+    publish_hook: object = None  # callable(device, topic) before each device publish (fault injection)
+    strategy_factory: object = None  # per-round aggregation strategy (default FedAvg)
 
     data: list[DeviceData] = field(init=False)
     records: list[RoundRecord] = field(init=False, default_factory=list)
     coordinator: CoordinatorService = field(init=False)
-    host: AgentHost = field(init=False)
+    hosts: dict[str, AgentHost] = field(init=False, default_factory=dict)
     final_vector: np.ndarray | None = field(init=False, default=None)
     _done: threading.Event = field(init=False, default_factory=threading.Event)
 
@@ -78,20 +83,44 @@ class LocalFederation:
         self.data = synthetic_federation(self.alpha, self.beta, num_devices=self.n_devices, seed=self.seed)
         self.model = build_model(self.model_kind, 60, 10)
         _, _, self.x_test, self.y_test = union(self.data)
+        self.topics = Topics(self.federation)
+        self._incarnations = random.Random(self.seed)
+        self.coordinator = self._make_coordinator()
+        self.spec = self.coordinator.core.spec
+        self._specs = {d: DeviceSpec(d, NumpyTrainer(self.model, self.data[i]),
+                                     Credentials(d, self.users[d], self.ca_file), self.train_delays.get(d, 0.0))
+                       for i, d in enumerate(device_ids(self.n_devices))}
+        self._index = {d: i for i, d in enumerate(device_ids(self.n_devices))}
+        shared = [d for d in self._specs if d not in self.solo]
+        groups = ([shared] if shared else []) + [[d] for d in self.solo]
+        self._retired_stats: list[dict[str, int]] = []
+        for group in groups:
+            host = self._make_host(group)
+            for d in group:
+                self.hosts[d] = host
+
+    def _make_coordinator(self) -> CoordinatorService:
         params = self.model.init_params(np.random.default_rng(self.seed))
-        topics = Topics(self.federation)
-        core = CoordinatorCore(topics, params, self.policy, hyper=self.hyper,
-                               incarnation=random.Random(self.seed).getrandbits(62) + 1,
-                               seed=self.seed)
-        self.spec = core.spec
-        self.coordinator = CoordinatorService(
-            core, self.broker_url, credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),
-            keepalive=self.keepalive, on_event=self._on_event)
-        specs = [DeviceSpec(d, NumpyTrainer(self.model, self.data[i]), Credentials(d, self.users[d], self.ca_file),
-                            self.train_delays.get(d, 0.0))
-                 for i, d in enumerate(device_ids(self.n_devices))]
-        self.host = AgentHost(self.broker_url, topics, specs, seed=self.seed, keepalive=self.keepalive,
-                              resend_after=self.resend_after)
+        core = CoordinatorCore(self.topics, params, self.policy, hyper=self.hyper,
+                               incarnation=self._incarnations.getrandbits(62) + 1, seed=self.seed,
+                               strategy_factory=self.strategy_factory)
+        return CoordinatorService(
+            core, self.coordinator_url or self.broker_url,
+            credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),
+            keepalive=self.keepalive, on_event=self._on_event,
+            state_dir=f"{self.state_dir}/coordinator" if self.state_dir else None)
+
+    def _make_host(self, group: list[str]) -> AgentHost:
+        host = AgentHost(self.broker_url, self.topics, [self._specs[d] for d in group], seed=self.seed,
+                         keepalive=self.keepalive, resend_after=self.resend_after,
+                         state_dir=f"{self.state_dir}/agents" if self.state_dir else None,
+                         indices={d: self._index[d] for d in group})
+        host.publish_hook = self.publish_hook
+        return host
+
+    @property
+    def host_list(self) -> list[AgentHost]:
+        return list({id(h): h for h in self.hosts.values()}.values())
 
     def accuracy(self, vector: np.ndarray) -> float:
         params = unflatten(vector, self.spec)
@@ -114,7 +143,8 @@ class LocalFederation:
 
     def start(self) -> "LocalFederation":
         self.coordinator.start()
-        self.host.start()
+        for host in self.host_list:
+            host.start()
         return self
 
     def wait(self, timeout: float) -> bool:
@@ -122,12 +152,50 @@ class LocalFederation:
         return self._done.wait(timeout)
 
     def stop(self) -> None:
-        self.host.stop()
+        for host in self.host_list:
+            host.stop()
         self.coordinator.stop()
+
+    # -- fault injection -------------------------------------------------------------
+
+    def crash_coordinator(self) -> None:
+        """Stop the coordinator as a crash would: no offline status, no DISCONNECT (the will fires)."""
+        self.coordinator.stop(graceful=False)
+
+    def restart_coordinator(self) -> None:
+        """A new incarnation from the same journal (needs ``state_dir``)."""
+        self.coordinator = self._make_coordinator()
+        self.coordinator.start()
+
+    def crash_device(self, device: str) -> None:
+        """Kill a solo device's host as a crash would: its in-memory state is gone."""
+        host = self.hosts[device]
+        if list(host.devices) != [device]:
+            raise ValueError(f"{device} is not hosted alone; pass it in solo=")
+        host.kill(device)
+        host.stop()
+        self._retired_stats.append(host.stats())
+
+    def restart_device(self, device: str) -> None:
+        """Start the device again from its outbox (needs ``state_dir``)."""
+        host = self._make_host([device])
+        self.hosts[device] = host
+        host.start()
+
+    def kill_device(self, device: str) -> None:
+        """Drop a device's connection with no DISCONNECT (its last will fires); it stays dead."""
+        self.hosts[device].kill(device)
+
+    def agent_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for stats in [h.stats() for h in self.host_list] + self._retired_stats:
+            for k, v in stats.items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def summary(self) -> dict:
         s = self.coordinator.core.stats
-        agents = self.host.stats()
+        agents = self.agent_stats()
         committed = [r for r in self.records if r.outcome == "committed"]
         return {
             "rounds_completed": s.rounds_committed,

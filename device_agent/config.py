@@ -32,6 +32,7 @@ class AgentSection:
     resend_after: float = 10.0  # seconds without ack progress before missing shards are re-sent
     seed: int = 0
     train_delay: float = 0.0  # extra seconds per local fit: simulates a slow device in labs
+    state_dir: str | None = None  # persistent outbox; None = an update in flight dies with the process
     log_level: str = "info"
 
 

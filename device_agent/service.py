@@ -61,7 +61,8 @@ class AgentHost:
 
     def __init__(self, broker: str, topics: Topics, devices: list[DeviceSpec], *, seed: int = 0,
                  keepalive: int = 15, resend_after: float = 10.0, train_workers: int = 2,
-                 tick_interval: float = 0.2, state_dir: str | None = None) -> None:
+                 tick_interval: float = 0.2, state_dir: str | None = None,
+                 indices: dict[str, int] | None = None) -> None:
         self.topics = topics
         self.tick_interval = tick_interval
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -85,9 +86,11 @@ class AgentHost:
                 core.restore(record)
                 log_event(log, "outbox_restored", device=spec.device_id, round=record.round_id,
                           update=record.update_id, shards=len(record.payloads))
-            self.devices[spec.device_id] = _Device(spec, core, link, i, outbox)
+            index = indices[spec.device_id] if indices else i  # the device's identity in training seeds
+            self.devices[spec.device_id] = _Device(spec, core, link, index, outbox)
         self.seed = seed
         self.all_finished = threading.Event()
+        self.publish_hook = None  # callable(device_id, topic) run before each publish: fault injection
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -159,7 +162,13 @@ class AgentHost:
 
     def _execute(self, d: _Device, actions: list) -> None:
         for a in actions:
+            if d.killed:
+                return  # a crashed device does nothing more
             if isinstance(a, Publish):
+                if self.publish_hook is not None:
+                    self.publish_hook(d.spec.device_id, a.topic)
+                    if d.killed:
+                        return
                 d.link.publish(a.topic, a.payload, a.qos, a.retain)
             elif isinstance(a, Subscribe):
                 d.link.subscribe(a.topic_filter, a.qos)

@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quorum", type=int)
     p.add_argument("--min-devices", type=int)
     p.add_argument("--round-timeout", type=float)
+    p.add_argument("--state-dir", help="journal and checkpoints (crash recovery)")
 
     p = sub.add_parser("agent", help="run one device agent (built-in synthetic data)")
     _broker_flags(p)
     p.add_argument("--device-id")
     p.add_argument("--federation")
+    p.add_argument("--state-dir", help="persistent outbox (resume uploads after a restart)")
 
     p = sub.add_parser("status", help="print the retained manifest and device presence")
     _broker_flags(p)
@@ -140,7 +142,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     cfg = load_config(CoordinatorConfig, a.config, {
         **_broker_overrides(a), "federation.name": a.federation, "round.rounds": a.rounds,
         "round.target": a.target, "round.quorum": a.quorum, "round.min_devices": a.min_devices,
-        "round.round_timeout": a.round_timeout, "coordinator.log_level": a.log_level})
+        "round.round_timeout": a.round_timeout, "coordinator.log_level": a.log_level,
+        "coordinator.state_dir": a.state_dir})
     configure(cfg.coordinator.log_level)
     m = cfg.model
     model = build_model(m.kind, m.dim, m.classes, m.hidden)
@@ -150,7 +153,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
                            incarnation=incarnation, seed=cfg.coordinator.seed)
     service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
                                  client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
-                                 tick_interval=cfg.coordinator.tick_interval)
+                                 tick_interval=cfg.coordinator.tick_interval, state_dir=cfg.coordinator.state_dir)
     stop = threading.Event()
     service.on_event = lambda e: stop.set() if core.finished else None
     log_event(log, "coordinator_start", broker=cfg.broker.url, federation=cfg.federation.name,
@@ -174,7 +177,8 @@ def cmd_agent(a: argparse.Namespace) -> int:
     from fedsync.topics import Topics
 
     cfg = load_config(AgentConfig, a.config, {**_broker_overrides(a), "agent.device_id": a.device_id,
-                                              "federation.name": a.federation, "agent.log_level": a.log_level})
+                                              "federation.name": a.federation, "agent.log_level": a.log_level,
+                                              "agent.state_dir": a.state_dir})
     configure(cfg.agent.log_level)
     device_id = cfg.agent.device_id
     if not device_id:
@@ -192,7 +196,8 @@ def cmd_agent(a: argparse.Namespace) -> int:
     trainer = NumpyTrainer(build_model(d.model, data.x_train.shape[1], 10, d.hidden), data)
     host = AgentHost(cfg.broker.url, Topics(cfg.federation.name),
                      [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id), cfg.agent.train_delay)],
-                     seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after)
+                     seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after,
+                     state_dir=cfg.agent.state_dir, indices={device_id: index})
     log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, samples=data.num_train)
     host.start()
     stop = threading.Event()

@@ -73,7 +73,7 @@ def test_full_rounds_commit_and_the_model_improves(broker, broker_users):
     try:
         assert fed.wait(60), "rounds did not commit"
         # every device got its receipt for every round (acks may trail the commit)
-        wait_until(lambda: fed.host.stats()["rounds_accepted"] == 12, 10, "all receipts")
+        wait_until(lambda: fed.agent_stats()["rounds_accepted"] == 12, 10, "all receipts")
         s = fed.summary()
     finally:
         fed.stop()
@@ -92,7 +92,7 @@ def test_device_killed_mid_round_goes_offline_by_last_will_and_round_commits_on_
     try:
         wait_until(lambda: len(fed.records) >= 1, 30, "round 1")
         killed_at = time.monotonic()
-        fed.host.kill("dev-3")  # socket closed, no DISCONNECT: the broker must publish the will
+        fed.kill_device("dev-3")  # socket closed, no DISCONNECT: the broker must publish the will
         assert fed.wait(30), "round 2 did not commit"
         closed_after = time.monotonic() - killed_at
         s = fed.summary()
