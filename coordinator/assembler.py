@@ -99,10 +99,21 @@ class ShardAssembler:
         self._codec = get_codec(layout.codec)
         self._open: dict[tuple[str, str], _OpenUpdate] = {}
         self._accepted: dict[str, str] = {}  # device -> accepted update id
+        self._refused: set[str] = set()  # complete and verified, but refused by policy (norm bound, ...)
 
     @property
     def accepted_devices(self) -> set[str]:
         return set(self._accepted)
+
+    @property
+    def refused_devices(self) -> set[str]:
+        return set(self._refused)
+
+    def mark_refused(self, device: str) -> None:
+        """The device's complete update failed a policy check: it does not count, and the
+        device may not try again this round (its later shards are duplicates)."""
+        self._accepted.pop(device, None)
+        self._refused.add(device)
 
     def accepted_update(self, device: str) -> str | None:
         """The update id accepted for ``device`` this round, if any."""
@@ -126,6 +137,9 @@ class ShardAssembler:
             return ShardOutcome("rejected", shard.device, shard.update_id, reason=err.reason)
         if digest(shard.data) != shard.digest:
             return ShardOutcome("rejected", shard.device, shard.update_id, reason="digest",
+                                held=self.held(shard.device, shard.update_id))
+        if shard.device in self._refused:
+            return ShardOutcome("duplicate", shard.device, shard.update_id, reason="update_refused",
                                 held=self.held(shard.device, shard.update_id))
         if shard.device in self._accepted:
             return ShardOutcome("duplicate", shard.device, shard.update_id, reason="update_already_accepted",

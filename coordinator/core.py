@@ -60,10 +60,11 @@ RECENT_ROUNDS = 4  # closed rounds whose accepted update ids are remembered
 
 @dataclass(frozen=True, slots=True)
 class RoundPolicy:
-    """The knobs of the synchronous round rule (all documented in docs/protocol.md)."""
+    """The knobs of the round rule (all documented in docs/protocol.md)."""
 
-    rounds: int = 20  # committed rounds to run; 0 = run forever
-    target: int = 10  # accepted updates that commit a round at once
+    mode: str = "sync"  # "sync" | "async" (FedBuff) | "semisync" (fixed period)
+    rounds: int = 20  # committed rounds (async: aggregations) to run; 0 = run forever
+    target: int = 10  # accepted updates that commit a round at once (async: the buffer size K)
     quorum: int = 1  # accepted updates needed to commit at the deadline
     over_select: float = 0.0  # select ceil(target * (1 + over_select)) devices
     min_devices: int = 1  # online devices needed before a round opens
@@ -72,6 +73,12 @@ class RoundPolicy:
     model_codec: str = "zstd"
     update_codec: str = "zstd"
     update_qos: int = 1
+    staleness_exponent: float = 0.5  # async: an update s versions old weighs (1 + s) ** -a
+    max_staleness: int = 4  # async: updates more than this many versions old are refused
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sync", "async", "semisync"):
+            raise ValueError(f"round.mode: {self.mode!r} is not one of sync, async, semisync")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,8 @@ class _Round:
     strategy: Strategy
     selected: frozenset[str]
     metrics: list[dict[str, float]] = field(default_factory=list)
+    buffered: int = 0  # async: updates folded into this round's buffer (from any recent round)
+    contributors: list[str] = field(default_factory=list)  # devices whose updates were folded in
 
 
 class CoordinatorCore:
@@ -126,7 +135,8 @@ class CoordinatorCore:
 
     def __init__(self, topics: Topics, params: dict[str, np.ndarray], policy: RoundPolicy, *,
                  hyper: dict[str, float], incarnation: int, seed: int,
-                 strategy_factory=None, first_round_id: int = 1, model_version: int = 0) -> None:
+                 strategy_factory=None, first_round_id: int = 1, model_version: int = 0,
+                 screen=None) -> None:
         from fedsync.params import flatten, spec_of
 
         self.topics = topics
@@ -146,6 +156,10 @@ class CoordinatorCore:
         self._strategy_factory = strategy_factory or (lambda n: FedAvg(n))
         # Accepted update ids of the last few closed rounds, so late redeliveries count as duplicates.
         self._recent: dict[int, dict[str, str]] = {}
+        # async: closed rounds whose updates are still welcome (within max_staleness), by round id.
+        self._past: dict[int, _Round] = {}
+        # screen(vector, num_samples) -> refusal reason or None (coordinator/hardening.py)
+        self.screen = screen
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
     # -- durability ----------------------------------------------------------
@@ -240,6 +254,8 @@ class CoordinatorCore:
         if digest(shard.data) != shard.digest:
             raise ProtocolError("digest", "digest", f"{shard.device} round {shard.round_id} shard {shard.index}")
         r = self.round
+        if self.policy.mode == "async" and shard.round_id in self._past and r is not None:
+            r = self._past[shard.round_id]  # a late update to an older model: welcome within max_staleness
         if r is None or shard.round_id != r.manifest.round_id:
             if self._recent.get(shard.round_id, {}).get(shard.device) == shard.update_id:
                 # A late redelivery of an update this coordinator already counted: a duplicate, not an attack.
@@ -270,6 +286,8 @@ class CoordinatorCore:
             won = r.assembler.accepted_update(shard.device)
             if won is not None:  # this device is done for the round: tell it to stop sending
                 status = "accepted" if won == shard.update_id else "duplicate"
+            elif shard.device in r.assembler.refused_devices:
+                status = "refused"
         elif o.kind == "rejected":
             self._reject(o.reason)
             out.append(RejectedInput(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
@@ -278,16 +296,43 @@ class CoordinatorCore:
                 status = "rejected"
         elif o.kind == "complete":
             self.stats.shards_accepted += 1
-            self.stats.updates_accepted += 1
             assert o.update is not None
-            r.strategy.add(o.update.vector, o.update.num_samples)
-            r.metrics.append(dict(o.update.metrics, num_samples=float(o.update.num_samples)))
+            refusal = self._screen(r, o.update)
+            if refusal is not None:
+                r.assembler.mark_refused(shard.device)
+                self._reject(refusal)
+                status = "refused"
+                o = ShardOutcome("refused", o.device, o.update_id, reason=refusal, held=o.held)
+                out.append(RejectedInput(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
+                                         "update", refusal, f"{shard.device} round {shard.round_id}: {refusal}"))
+            else:
+                self.stats.updates_accepted += 1
+                self._fold(r, o.update)
         held = o.held or bytes((shard.count + 7) // 8)
+        reason = o.reason if status in ("rejected", "refused") else ""
         out.append(self._ack_publish(ShardAck(shard.device, shard.round_id, shard.update_id,
-                                              shard.count, held, status, o.reason if status == "rejected" else "")))
+                                              shard.count, held, status, reason)))
         if o.kind == "complete":
             out += self._check_early_close(now)
         return out
+
+    def _screen(self, r: _Round, u) -> str | None:
+        staleness = self.version - r.manifest.model_version
+        if staleness > self.policy.max_staleness:
+            return "too_stale"
+        return self.screen(u.vector, u.num_samples) if self.screen is not None else None
+
+    def _fold(self, r: _Round, u) -> None:
+        """Add a verified update to the open round's aggregate (async: with its staleness weight)."""
+        target = self.round if self.round is not None else r
+        weight: float = u.num_samples
+        if self.policy.mode == "async":
+            staleness = self.version - r.manifest.model_version
+            weight = u.num_samples * (1.0 + staleness) ** -self.policy.staleness_exponent
+            target.buffered += 1
+        target.strategy.add(u.vector, weight)
+        target.contributors.append(u.device)
+        target.metrics.append(dict(u.metrics, num_samples=float(u.num_samples)))
 
     # -- presence ---------------------------------------------------------------
 
@@ -320,6 +365,8 @@ class CoordinatorCore:
             return []
         candidates = sorted(self.online)
         k = min(len(candidates), math.ceil(p.target * (1.0 + p.over_select)))
+        if p.mode in ("async", "semisync"):
+            k = len(candidates)  # everyone online trains; the buffer (async) or the period (semisync) decides
         # Selection depends only on (seed, round id, who is online): a restarted coordinator picks the same.
         rng = random.Random(f"{self.seed}:{self.next_round_id}")
         selected = tuple(sorted(rng.sample(candidates, k)))
@@ -336,9 +383,11 @@ class CoordinatorCore:
         if r is None:
             return []
         accepted = r.assembler.accepted_devices
-        if len(accepted) >= r.manifest.target:
+        if self.policy.mode == "async":
+            return self._close(now, "buffer_full") if r.buffered >= r.manifest.target else []
+        if len(accepted) >= r.manifest.target and self.policy.mode == "sync":
             return self._close(now, "target")
-        pending_alive = (r.selected - accepted) & self.online
+        pending_alive = (r.selected - accepted - r.assembler.refused_devices) & self.online
         if not pending_alive and len(accepted) >= r.manifest.quorum:
             return self._close(now, "quorum_no_live_pending")
         return []
@@ -347,11 +396,17 @@ class CoordinatorCore:
         r = self.round
         assert r is not None
         self.round = None
-        accepted = tuple(sorted(r.assembler.accepted_devices))
-        self._recent[r.manifest.round_id] = {d: r.assembler.accepted_update(d) for d in accepted}
+        accepted = tuple(sorted(r.contributors))
+        self._recent[r.manifest.round_id] = {d: r.assembler.accepted_update(d) for d in r.assembler.accepted_devices}
         for old_round in sorted(self._recent)[:-RECENT_ROUNDS]:
             del self._recent[old_round]
-        committed = len(accepted) >= r.manifest.quorum
+        if self.policy.mode == "async":
+            committed = r.buffered >= 1
+            self._past[r.manifest.round_id] = r
+            for old_round in sorted(self._past)[:-max(1, self.policy.max_staleness)]:
+                del self._past[old_round]
+        else:
+            committed = len(accepted) >= r.manifest.quorum
         new_vector = r.strategy.finish(self.vector) if committed else None
         self.closed_through = r.manifest.round_id
         out: list = []
@@ -379,7 +434,7 @@ class CoordinatorCore:
         p = self.policy
         return RoundManifest(
             federation=self.topics.federation, round_id=self.next_round_id if state == "open" else
-            self.next_round_id - 1, incarnation=self.incarnation, state=state, mode="sync",
+            self.next_round_id - 1, incarnation=self.incarnation, state=state, mode=p.mode,
             model_version=self.version, model_digest=vector_digest(self.vector), model_codec=p.model_codec,
             model_shards=-(-self.vector.size // p.shard_values), param_spec=self.spec,
             num_params=self.vector.size, shard_values=p.shard_values, update_codec=p.update_codec,

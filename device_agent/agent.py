@@ -141,7 +141,8 @@ class AgentCore:
         self.resend_after = resend_after
         self.max_retries = max_retries
         self.state = "idle"
-        self.manifest: RoundManifest | None = None
+        self.manifest: RoundManifest | None = None  # the newest manifest seen
+        self.job: RoundManifest | None = None  # the manifest of the work in hand (fetch, train, upload)
         self.stats = AgentStats()
         self._model: tuple[int, bytes, np.ndarray] | None = None  # version, digest, vector
         self._fetch: dict[int, np.ndarray] = {}
@@ -174,7 +175,7 @@ class AgentCore:
 
     def on_trained(self, round_id: int, params: dict[str, np.ndarray], num_samples: int,
                    metrics: dict[str, float], now: float) -> list:
-        m = self.manifest
+        m = self.job
         if m is None or self.state != "training" or m.round_id != round_id or self._model is None:
             return [Note("update_dropped", {"round": round_id, "reason": "round closed"})]
         delta = flatten(params, m.param_spec) - self._model[2]
@@ -224,29 +225,41 @@ class AgentCore:
     def _on_manifest(self, m: RoundManifest, now: float) -> list:
         if m.federation != self.topics.federation:
             raise ProtocolError("federation", "value", f"{m.federation!r} is not {self.topics.federation!r}")
-        old = self.manifest
         self.manifest = m
         if m.state == "finished":
             self.state = "finished"
-            return self._stop_fetch(old) + [Finished()]  # a pending upload still takes its late receipt
+            return self._stop_fetch() + [Finished()]  # a pending upload still takes its late receipt
         up = self._upload
         if up is not None and up.round_id == m.round_id and m.state == "open":
             # Same round (a redelivery, a coordinator restart, or our own restart from the outbox):
             # keep uploading; the coordinator's receipt says which shards it holds.
+            self.job = m
             if self.state != "uploading":
                 self.state = "uploading"
                 self._progress_at = now - self.resend_after + RESUME_GRACE
             return []
-        same_round = old is not None and old.round_id == m.round_id and old.state == m.state == "open"
-        if same_round and self.state in ("fetching", "training", "done"):
-            return []  # nothing changed for us (a redelivery or a coordinator restart)
-        out = self._stop_fetch(old)
+        job = self.job
+        if job is not None and job.round_id == m.round_id and self.state in ("fetching", "training", "done"):
+            self.job = m  # nothing changed for us (a redelivery or a coordinator restart)
+            return []
+        if m.mode == "async" and self.state in ("training", "uploading"):
+            return []  # FedBuff: work on an older model still counts; the next job starts when it ends
+        return self._next_job(now)
+
+    def _next_job(self, now: float) -> list:
+        """Drop work for a closed round and start on the newest manifest, if it selects us."""
+        m = self.manifest
+        out = self._stop_fetch()
+        up = self._upload
         if up is not None:
             out += [Note("update_dropped", {"round": up.round_id, "reason": "round closed"}), ClearOutbox(up.round_id)]
             self._upload = None
         self.state = "idle"
-        if m.state != "open" or self.device_id not in m.selected:
+        if m is None or m.state != "open" or (self.device_id not in m.selected):
             return out
+        if self.job is not None and self.job.round_id == m.round_id:
+            return out  # already did this round's work
+        self.job = m
         if self._model is not None and self._model[:2] == (m.model_version, m.model_digest):
             return out + self._train(m)
         self.state = "fetching"
@@ -254,14 +267,14 @@ class AgentCore:
         self.stats.model_fetches += 1
         return out + [Subscribe(self.topics.model_filter(m.model_version), 1)]
 
-    def _stop_fetch(self, old: RoundManifest | None) -> list:
-        if self.state == "fetching" and old is not None:
+    def _stop_fetch(self) -> list:
+        if self.state == "fetching" and self.job is not None:
             self._fetch = {}
-            return [Unsubscribe(self.topics.model_filter(old.model_version))]
+            return [Unsubscribe(self.topics.model_filter(self.job.model_version))]
         return []
 
     def _on_model_shard(self, topic: str, s: ModelShard, now: float) -> list:
-        m = self.manifest
+        m = self.job
         version, index = self.topics.parse_model(topic)
         if self.state != "fetching" or m is None or version != m.model_version:
             return []  # an old version's shard, or one we no longer need
@@ -308,8 +321,8 @@ class AgentCore:
 
     def _send(self, indices) -> list:
         up = self._upload
-        assert up is not None and self.manifest is not None
-        qos = self.manifest.update_qos
+        assert up is not None and self.job is not None
+        qos = self.job.update_qos
         out = []
         for i in indices:
             out.append(Publish(up.topics[i], up.payloads[i], qos, False))
@@ -335,28 +348,30 @@ class AgentCore:
             self._upload = None
             if ack.status == "accepted":
                 self.stats.rounds_accepted += 1
-            return [Note("round_done", {"round": ack.round_id, "status": ack.status, "reason": ack.reason}),
-                    ClearOutbox(ack.round_id)]
+            out = [Note("round_done", {"round": ack.round_id, "status": ack.status, "reason": ack.reason}),
+                   ClearOutbox(ack.round_id)]
+            if self.state == "done" and self.manifest is not None and self.manifest.round_id != ack.round_id:
+                out += self._next_job(now)  # async: a newer model is already out
+            return out
         if ack.status == "rejected":
             self.stats.updates_rejected += 1
             if up.retries >= self.max_retries or self.state == "finished":
                 self.state, self._upload = ("finished" if self.state == "finished" else "done"), None
                 return [Note("update_given_up", {"round": ack.round_id, "reason": ack.reason}),
                         ClearOutbox(ack.round_id)]
-            assert self.manifest is not None
             # The coordinator forgot the bad update; send the same delta under a fresh id.
             return [Note("update_rejected", {"round": ack.round_id, "reason": ack.reason})] + self._reencode(now)
         return []
 
     def _reencode(self, now: float) -> list:
         up = self._upload
-        assert up is not None and self.manifest is not None and self._model is not None
+        assert up is not None and self.job is not None
         delta = up.delta if up.delta is not None else self._decode_upload(up)
-        fresh = self._encode(self.manifest, delta, up.num_samples, up.metrics)
+        fresh = self._encode(self.job, delta, up.num_samples, up.metrics)
         fresh.retries = up.retries + 1
         self._upload = fresh
         self._progress_at = now
-        return [SaveOutbox(fresh.record(self.manifest.update_qos))] + self._send(range(len(fresh.payloads)))
+        return [SaveOutbox(fresh.record(self.job.update_qos))] + self._send(range(len(fresh.payloads)))
 
     def _decode_upload(self, up: _Upload) -> np.ndarray:
         shards = [decode(p, UpdateShard) for p in up.payloads]

@@ -226,3 +226,56 @@ def test_core_start_publishes_retained_state():
     m = decode(out[-1].payload, RoundManifest)
     assert (m.state, m.model_shards, m.num_params, m.incarnation) == ("waiting", 3, 7, 9)
     assert np.array_equal(core.vector, flatten({"w": np.arange(7, dtype=np.float32)}))
+
+
+def test_async_buffer_takes_a_late_update_with_its_staleness_weight():
+    sim = make_sim(RoundPolicy(mode="async", rounds=2, target=3, quorum=1, min_devices=3, round_timeout=30))
+    sim.stalled = {"dev-2"}  # a slow phone: still training on version 0
+    sim.start()
+    sim.settle()
+    assert sim.closed() == []  # buffer of 3 holds only dev-0 and dev-1
+    sim.advance(30.0)  # the deadline flushes what is buffered
+    (r1,) = sim.closed()
+    assert (r1.outcome, r1.reason, r1.accepted) == ("committed", "deadline", ("dev-0", "dev-1"))
+    v1 = (10 * 1 + 30 * 2) / 40
+    assert np.allclose(sim.coord.vector, v1, atol=1e-6)
+    sim.stalled.clear()  # dev-2 finishes its version-0 update while round 2 (version 1) is open
+    sim.settle()
+    r2 = sim.closed()[1]
+    assert (r2.outcome, r2.reason, sorted(r2.accepted)) == ("committed", "buffer_full", ["dev-0", "dev-1", "dev-2"])
+    w2 = 60 * (1 + 1) ** -0.5  # staleness 1, exponent 0.5
+    step = (10 * 1 + 30 * 2 + w2 * 4) / (10 + 30 + w2)
+    assert np.allclose(sim.coord.vector, v1 + step, atol=1e-5)
+    assert sim.coord.stats.updates_accepted == 5
+    assert decode(sim.retained[sim.topics.manifest], RoundManifest).state == "finished"
+
+
+def test_async_update_older_than_max_staleness_is_dropped_as_stale():
+    sim = make_sim(RoundPolicy(mode="async", rounds=0, target=2, quorum=1, min_devices=3, round_timeout=30,
+                               max_staleness=2))
+    sim.stalled = {"dev-2"}
+    sim.start()
+    while sim.coord.version < 3:  # dev-0 and dev-1 alone fill buffers of 2 while dev-2 trains on version 0
+        assert sim.step()
+    sim.stalled = {"dev-0", "dev-1", "dev-2"}
+    sim.settle()
+    accepted = sim.coord.stats.updates_accepted
+    sim.stalled = {"dev-0", "dev-1"}  # release only dev-2
+    sim.settle()
+    # its version-0 update is 3 versions old, beyond max_staleness: every shard is dropped as stale,
+    # the receipt says "closed", and dev-2 starts over on the newest model, which counts
+    assert sim.coord.stats.rejected_by_reason["stale_round"] == 4
+    assert sim.coord.stats.updates_accepted == accepted + 1
+    assert sim.agents["dev-2"].stats.rounds_accepted == 1
+    assert sim.agents["dev-2"].job.model_version == 3
+
+
+def test_semisync_waits_for_the_period_not_the_target():
+    sim = make_sim(RoundPolicy(mode="semisync", rounds=1, target=1, quorum=1, min_devices=3, round_timeout=20))
+    sim.stalled = {"dev-2"}
+    sim.start()
+    sim.settle()
+    assert sim.closed() == []  # target 1 was reached long ago; semisync still waits for the period
+    sim.advance(20.0)
+    (r1,) = sim.closed()
+    assert (r1.outcome, r1.reason, r1.accepted) == ("committed", "deadline", ("dev-0", "dev-1"))
