@@ -58,10 +58,46 @@ class ServiceSection:
 
 
 @dataclass(frozen=True, slots=True)
+class StrategySection:
+    """How a round's updates become the next model (coordinator/strategies.py).
+
+    Options go in ``[strategy_options]``, e.g. ``trim_fraction = 0.2`` for
+    ``trimmed_mean`` or ``num_byzantine = 2`` for ``krum``."""
+
+    name: str = "fedavg"  # fedavg, mean, fedavgm, fedadam, median, trimmed_mean, krum, multi_krum, dp_fedavg
+
+
+@dataclass(frozen=True, slots=True)
+class HardeningSection:
+    """Policy checks on every complete, verified update (coordinator/hardening.py)."""
+
+    max_update_norm: float | None = None  # L2 bound on an update's delta; None = no bound
+    max_num_samples: int = 10_000_000  # a larger claimed sample count is refused (it would dominate FedAvg)
+
+
+@dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
     broker: BrokerSection = BrokerSection()
     federation: FederationSection = FederationSection()
     round: RoundPolicy = RoundPolicy()
     model: ModelSection = ModelSection()
     train: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_HYPER))
+    strategy: StrategySection = StrategySection()
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    hardening: HardeningSection = HardeningSection()
     coordinator: ServiceSection = ServiceSection()
+
+
+def strategy_factory_from(cfg: CoordinatorConfig, num_params: int):
+    """The per-round strategy factory the config names (checked now, not at the first round)."""
+    import numpy as np
+
+    from coordinator.strategies import make_strategy_factory
+
+    options = {k: int(v) if float(v).is_integer() and k in _INT_OPTIONS else v
+               for k, v in cfg.strategy_options.items()}
+    return make_strategy_factory(cfg.strategy.name, num_params, options,
+                                 np.random.default_rng(cfg.coordinator.seed))
+
+
+_INT_OPTIONS = {"num_byzantine", "multi", "chunk_rows", "block_values"}

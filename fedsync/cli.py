@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-devices", type=int)
     p.add_argument("--round-timeout", type=float)
     p.add_argument("--state-dir", help="journal and checkpoints (crash recovery)")
+    p.add_argument("--mode", choices=["sync", "async", "semisync"])
+    p.add_argument("--strategy", help="aggregation strategy name (see docs/protocol.md)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
 
     p = sub.add_parser("agent", help="run one device agent (built-in synthetic data)")
     _broker_flags(p)
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_flags(p)
     p.add_argument("--federation", default="demo")
     p.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")
+
+    p = sub.add_parser("chaos", help="fault-injecting TCP proxy between agents and broker", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="run a whole federation on loopback")
     p.add_argument("--devices", type=int, default=10)
@@ -133,8 +139,9 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from coordinator.config import CoordinatorConfig
+    from coordinator.config import CoordinatorConfig, strategy_factory_from
     from coordinator.core import CoordinatorCore
+    from coordinator.hardening import UpdateScreen
     from coordinator.service import CoordinatorService
     from device_agent.models import build_model
     from fedsync.topics import Topics
@@ -143,14 +150,17 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         **_broker_overrides(a), "federation.name": a.federation, "round.rounds": a.rounds,
         "round.target": a.target, "round.quorum": a.quorum, "round.min_devices": a.min_devices,
         "round.round_timeout": a.round_timeout, "coordinator.log_level": a.log_level,
-        "coordinator.state_dir": a.state_dir})
+        "coordinator.state_dir": a.state_dir, "round.mode": a.mode, "strategy.name": a.strategy})
     configure(cfg.coordinator.log_level)
     m = cfg.model
     model = build_model(m.kind, m.dim, m.classes, m.hidden)
     params = model.init_params(np.random.default_rng(m.seed))
     incarnation = time.time_ns() & ((1 << 62) - 1)
+    n = sum(v.size for v in params.values())
+    screen = UpdateScreen(cfg.hardening.max_update_norm, cfg.hardening.max_num_samples)
     core = CoordinatorCore(Topics(cfg.federation.name), params, cfg.round, hyper=cfg.train,
-                           incarnation=incarnation, seed=cfg.coordinator.seed)
+                           incarnation=incarnation, seed=cfg.coordinator.seed,
+                           strategy_factory=strategy_factory_from(cfg, n), screen=screen.check)
     service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
                                  client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
                                  tick_interval=cfg.coordinator.tick_interval, state_dir=cfg.coordinator.state_dir)
@@ -159,8 +169,16 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     log_event(log, "coordinator_start", broker=cfg.broker.url, federation=cfg.federation.name,
               params=core.vector.size, rounds=cfg.round.rounds)
     service.start()
+    metrics = None
+    if a.metrics_port is not None:
+        from coordinator.metrics import serve_metrics
+
+        metrics = serve_metrics(service, a.metrics_port)
+        log_event(log, "metrics_serving", url=f"http://127.0.0.1:{metrics.port}/metrics")
     _wait_for_signal(stop)
     service.stop()
+    if metrics is not None:
+        metrics.stop()
     s = core.stats
     log_event(log, "coordinator_stop", rounds_committed=s.rounds_committed, rounds_abandoned=s.rounds_abandoned,
               updates_accepted=s.updates_accepted, duplicates_dropped=s.duplicates_dropped,
@@ -259,6 +277,12 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(a: argparse.Namespace) -> int:
+    from fedsync.chaos import main as chaos_main
+
+    return chaos_main(a.rest)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from coordinator.demo import DemoOptions, run_demo
 
@@ -277,7 +301,7 @@ class _StatusConfig:
 
 
 _COMMANDS = {"broker": cmd_broker, "broker-config": cmd_broker_config, "coordinator": cmd_coordinator, "agent": cmd_agent,
-             "status": cmd_status, "demo": cmd_demo}
+             "status": cmd_status, "chaos": cmd_chaos, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())
