@@ -26,6 +26,24 @@ from fedsync.params import unflatten
 from fedsync.topics import Topics
 
 
+class ByzantineTrainer:
+    """A malicious device for robustness tests: trains honestly, then sends
+    ``global + scale * (local - global)`` (scale -10: a sign-flipped, scaled update)."""
+
+    def __init__(self, honest, scale: float = -10.0) -> None:
+        self.honest, self.scale = honest, scale
+
+    def fit(self, params, hyper, rng):
+        from device_agent.trainer import FitResult
+
+        r = self.honest.fit(params, hyper, rng)
+        evil = {k: (params[k] + self.scale * (r.params[k] - params[k])).astype(np.float32) for k in params}
+        return FitResult(evil, r.num_samples, dict(r.metrics))
+
+    def evaluate(self, params):
+        return self.honest.evaluate(params)
+
+
 def device_ids(n: int) -> list[str]:
     return [f"dev-{i}" for i in range(n)]
 
@@ -71,6 +89,8 @@ class LocalFederation:
     solo: tuple[str, ...] = ()  # devices hosted alone, so a test can crash and restart them
     publish_hook: object = None  # callable(device, topic) before each device publish (fault injection)
     strategy_factory: object = None  # per-round aggregation strategy (default FedAvg)
+    byzantine: dict[str, float] = field(default_factory=dict)  # device -> scale of its malicious update
+    screen: object = None  # coordinator's policy check on complete updates (coordinator/hardening.py)
 
     data: list[DeviceData] = field(init=False)
     records: list[RoundRecord] = field(init=False, default_factory=list)
@@ -87,7 +107,11 @@ class LocalFederation:
         self._incarnations = random.Random(self.seed)
         self.coordinator = self._make_coordinator()
         self.spec = self.coordinator.core.spec
-        self._specs = {d: DeviceSpec(d, NumpyTrainer(self.model, self.data[i]),
+        def trainer(d: str, i: int):
+            honest = NumpyTrainer(self.model, self.data[i])
+            return ByzantineTrainer(honest, self.byzantine[d]) if d in self.byzantine else honest
+
+        self._specs = {d: DeviceSpec(d, trainer(d, i),
                                      Credentials(d, self.users[d], self.ca_file), self.train_delays.get(d, 0.0))
                        for i, d in enumerate(device_ids(self.n_devices))}
         self._index = {d: i for i, d in enumerate(device_ids(self.n_devices))}
@@ -103,7 +127,7 @@ class LocalFederation:
         params = self.model.init_params(np.random.default_rng(self.seed))
         core = CoordinatorCore(self.topics, params, self.policy, hyper=self.hyper,
                                incarnation=self._incarnations.getrandbits(62) + 1, seed=self.seed,
-                               strategy_factory=self.strategy_factory)
+                               strategy_factory=self.strategy_factory, screen=self.screen)
         return CoordinatorService(
             core, self.coordinator_url or self.broker_url,
             credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),
