@@ -2,24 +2,28 @@
 
 Starts a broker (the embedded amqtt by default, or a managed mosquitto), a
 coordinator and N device agents in this process (each device with its own
-MQTT connection, client id, password and last will), runs R rounds of FedAvg
-on FedProx's Synthetic(alpha, beta) data and compares the final global model
-with softmax regression trained centrally on the union of the devices'
-training data.
+MQTT connection, client id, password and last will), runs R rounds on
+FedProx's Synthetic(alpha, beta) data and compares the final global model with
+softmax regression trained centrally on the union of the devices' training data.
+
+``--mode async`` answers the question async exists for: with heterogeneous
+devices (some 5x slower), does FedBuff reach the synchronous run's accuracy in
+less wall time? It runs the synchronous federation first, then the
+asynchronous one until it reaches the same accuracy, and prints both times.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker_config.process import BrokerProcess
 from coordinator.core import RoundPolicy
-from coordinator.federation import LocalFederation, RoundRecord, make_users
+from coordinator.federation import LocalFederation, RoundRecord, device_ids, make_users
 from device_agent.data import union
 from device_agent.trainer import DEFAULT_HYPER, centralised_baseline
+from fedsync.params import flatten
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,23 +31,24 @@ class DemoOptions:
     devices: int = 10
     rounds: int = 20
     seed: int = 0
+    mode: str = "sync"
     broker_kind: str = "amqtt"
     broker_url: str | None = None  # use a running broker instead (users must exist on it)
     update_codec: str = "zstd"
     json: bool = False
     plot: str | None = None
     kill: int = 0  # devices to kill (socket dropped, no DISCONNECT) after the first round
+    slow: int | None = None  # devices that are slow_factor x slower (default: 30% in async mode, else 0)
+    slow_factor: float = 5.0
+    fit_seconds: float = 0.1  # simulated local training time of a fast device when any device is slow
     timeout: float = 300.0
 
 
 def run_demo(opts: DemoOptions) -> dict:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     users = make_users(opts.devices)
-    policy = RoundPolicy(rounds=opts.rounds, target=opts.devices, quorum=max(1, (opts.devices + 1) // 2),
-                         min_devices=opts.devices, round_timeout=30.0, update_codec=opts.update_codec)
     broker = None if opts.broker_url else BrokerProcess(opts.broker_kind, users=users)
     started = time.perf_counter()
     try:
@@ -51,44 +56,40 @@ def run_demo(opts: DemoOptions) -> dict:
             with console.status(f"starting {opts.broker_kind} broker on 127.0.0.1"):
                 broker.start()
         url = opts.broker_url or broker.url  # type: ignore[union-attr]
-        progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console)
-        task = progress.add_task("rounds", total=opts.rounds, last="")
-
-        def on_round(rec: RoundRecord) -> None:
-            acc = f"acc={rec.accuracy:.3f}" if rec.accuracy is not None else rec.outcome
-            progress.update(task, advance=1 if rec.outcome == "committed" else 0,
-                            last=f"round {rec.round_id}: {rec.accepted}/{rec.selected} devices, {acc}")
-
-        fed = LocalFederation(url, users, n_devices=opts.devices, seed=opts.seed, policy=policy, on_round=on_round)
-        killed: list[str] = []
-        with progress:
-            fed.start()
-            if opts.kill:
-                while not fed.records and time.perf_counter() - started < opts.timeout:
-                    time.sleep(0.05)
-                for device in list(fed.hosts)[-opts.kill:]:
-                    fed.kill_device(device)
-                    killed.append(device)
-            finished = fed.wait(opts.timeout)
-            summary = fed.summary()  # before stop(): a clean shutdown is not a drop-out
-        fed.stop()
+        slow = opts.slow if opts.slow is not None else (round(0.3 * opts.devices) if opts.mode == "async" else 0)
+        delays = {}
+        if slow:
+            delays = {d: opts.fit_seconds for d in device_ids(opts.devices)}
+            delays.update({d: opts.fit_seconds * opts.slow_factor for d in device_ids(opts.devices)[-slow:]})
+        quorum = max(1, (opts.devices + 1) // 2)
+        sync_policy = RoundPolicy(rounds=opts.rounds, target=opts.devices, quorum=quorum, min_devices=opts.devices,
+                                  round_timeout=30.0, update_codec=opts.update_codec)
+        if opts.mode == "async":
+            sync, fed = _run(console, url, users, opts, sync_policy, delays, "sync rounds")
+            # FedBuff: aggregate every K = devices/2 updates, (1+s)^-0.5 staleness weights.
+            async_policy = replace(sync_policy, mode="async", rounds=10 * opts.rounds, target=max(1, opts.devices // 2),
+                                   quorum=1)
+            asy, fed = _run(console, url, users, opts, async_policy, delays, "async aggregations",
+                            stop_at=sync["final_accuracy"])
+            summary = dict(asy, mode="async", sync_final_accuracy=sync["final_accuracy"],
+                           sync_wall_seconds=sync["federation_seconds"], sync_rounds=sync["rounds_completed"],
+                           async_seconds_to_sync_accuracy=asy["reached_seconds"],
+                           async_aggregations=asy["rounds_completed"])
+        else:
+            summary, fed = _run(console, url, users, opts, replace(sync_policy, mode=opts.mode), delays, "rounds")
+            summary["mode"] = opts.mode
     finally:
         if broker is not None:
             broker.stop()
-    wall = time.perf_counter() - started
     x_train, y_train, _, _ = union(fed.data)
     with console.status("training the centralised baseline"):
         central = centralised_baseline(fed.model, x_train, y_train, DEFAULT_HYPER, seed=opts.seed)
-    from fedsync.params import flatten
-
     summary.update(
-        finished=finished,
         centralised_accuracy=fed.accuracy(flatten(central, fed.spec)),
         devices=opts.devices,
-        devices_killed=killed,
+        slow_devices=sorted(d for d, s in delays.items() if s > opts.fit_seconds),
         broker=opts.broker_url or opts.broker_kind,
-        wall_seconds=round(wall, 3),
+        wall_seconds=round(time.perf_counter() - started, 3),
     )
     if opts.plot:
         _plot(summary, opts.plot)
@@ -98,16 +99,61 @@ def run_demo(opts: DemoOptions) -> dict:
     return summary
 
 
+def _run(console, url: str, users: dict, opts: DemoOptions, policy: RoundPolicy, delays: dict, label: str,
+         stop_at: float | None = None) -> tuple[dict, LocalFederation]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task(label, total=policy.rounds, last="")
+
+    def on_round(rec: RoundRecord) -> None:
+        acc = f"acc={rec.accuracy:.3f}" if rec.accuracy is not None else rec.outcome
+        progress.update(task, advance=1 if rec.outcome == "committed" else 0,
+                        last=f"round {rec.round_id}: {rec.accepted} updates, {acc}")
+
+    fed = LocalFederation(url, users, n_devices=opts.devices, seed=opts.seed, policy=policy, on_round=on_round,
+                          train_delays=delays, stop_at_accuracy=stop_at, federation=f"demo-{policy.mode}")
+    killed: list[str] = []
+    t0 = time.perf_counter()
+    with progress:
+        fed.start()
+        if opts.kill:
+            while not fed.records and time.perf_counter() - t0 < opts.timeout:
+                time.sleep(0.05)
+            for device in list(fed.hosts)[-opts.kill:]:
+                fed.kill_device(device)
+                killed.append(device)
+        finished = fed.wait(opts.timeout)
+        elapsed = time.perf_counter() - t0
+        summary = fed.summary()  # before stop(): a clean shutdown is not a drop-out
+    fed.stop()
+    summary.update(finished=finished, devices_killed=killed, federation_seconds=round(elapsed, 3),
+                   reached_seconds=round(fed.reached_at, 3) if fed.reached_at is not None else None)
+    return summary, fed
+
+
 def _print_summary(console, s: dict) -> None:
     from rich.table import Table
 
-    t = Table(title="fedsync demo", show_header=False)
+    t = Table(title=f"fedsync demo ({s['mode']})", show_header=False)
     fa, ca = s["final_accuracy"], s["centralised_accuracy"]
     rows = [
         ("rounds committed / abandoned", f"{s['rounds_completed']} / {s['rounds_abandoned']}"),
         ("final accuracy (federated)", f"{fa:.4f}" if fa is not None else "-"),
         ("centralised accuracy (same model, pooled data)", f"{ca:.4f}"),
         ("gap (percentage points)", f"{100 * (ca - fa):+.2f}" if fa is not None else "-"),
+    ]
+    if s["mode"] == "async":
+        reached = s["async_seconds_to_sync_accuracy"]
+        rows += [
+            ("slow devices (5x)", ", ".join(s["slow_devices"]) or "-"),
+            ("sync: rounds, final accuracy, wall time",
+             f"{s['sync_rounds']}, {s['sync_final_accuracy']:.4f}, {s['sync_wall_seconds']:.1f} s"),
+            ("async: time to the sync accuracy",
+             f"{reached:.1f} s ({s['sync_wall_seconds'] / reached:.1f}x faster)" if reached else "not reached"),
+        ]
+    rows += [
         ("updates accepted", str(s["updates_accepted"])),
         ("duplicate shards dropped", str(s["duplicates_dropped"])),
         ("shards rejected", str(s["shards_rejected"])),
@@ -128,9 +174,9 @@ def _plot(summary: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     accs = summary["accuracy_per_round"]
-    ax.plot(range(1, len(accs) + 1), accs, marker="o", label="federated (over MQTT)")
+    ax.plot(range(1, len(accs) + 1), accs, marker="o", label=f"federated over MQTT ({summary['mode']})")
     ax.axhline(summary["centralised_accuracy"], color="grey", linestyle="--", label="centralised")
-    ax.set_xlabel("round")
+    ax.set_xlabel("round" if summary["mode"] != "async" else "aggregation")
     ax.set_ylabel("test accuracy")
     ax.legend()
     fig.tight_layout()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,7 @@ class LocalFederation:
     strategy_factory: object = None  # per-round aggregation strategy (default FedAvg)
     byzantine: dict[str, float] = field(default_factory=dict)  # device -> scale of its malicious update
     screen: object = None  # coordinator's policy check on complete updates (coordinator/hardening.py)
+    stop_at_accuracy: float | None = None  # also done once a committed model reaches this test accuracy
 
     data: list[DeviceData] = field(init=False)
     records: list[RoundRecord] = field(init=False, default_factory=list)
@@ -164,8 +166,13 @@ class LocalFederation:
             self.on_round(rec)
         if self.policy.rounds and self.coordinator.core.stats.rounds_committed >= self.policy.rounds:
             self._done.set()
+        if self.stop_at_accuracy is not None and acc is not None and acc >= self.stop_at_accuracy:
+            self.reached_at = time.perf_counter() - self._started
+            self._done.set()
 
     def start(self) -> "LocalFederation":
+        self._started = time.perf_counter()
+        self.reached_at: float | None = None
         self.coordinator.start()
         for host in self.host_list:
             host.start()

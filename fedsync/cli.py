@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--broker-kind", choices=["amqtt", "mosquitto"], default="amqtt")
+    p.add_argument("--mode", choices=["sync", "async", "semisync"], default="sync",
+                   help="async: run sync and FedBuff with 30%% of devices 5x slower and compare wall times")
+    p.add_argument("--slow", type=int, help="devices that are --slow-factor times slower")
+    p.add_argument("--slow-factor", type=float, default=5.0)
     p.add_argument("--codec", default="zstd", help="update codec (see docs/protocol.md)")
     p.add_argument("--kill", type=int, default=0, help="devices to kill after the first round")
     p.add_argument("--plot", help="write accuracy per round as a PNG here")
@@ -288,7 +292,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     configure("warning")
     summary = run_demo(DemoOptions(devices=a.devices, rounds=a.rounds, seed=a.seed, broker_kind=a.broker_kind,
-                                   update_codec=a.codec, json=a.json, plot=a.plot, kill=a.kill))
+                                   update_codec=a.codec, json=a.json, plot=a.plot, kill=a.kill, mode=a.mode,
+                                   slow=a.slow, slow_factor=a.slow_factor))
     return 0 if summary["finished"] else 1
 
 
