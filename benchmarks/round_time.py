@@ -253,7 +253,8 @@ def coordinator_main(url: str, password: str, policy: dict, num_params: int, eve
         if isinstance(e, RoundClosed):
             events.put(("round", {"round_id": e.round_id, "outcome": e.outcome, "accepted": len(e.accepted),
                                   "selected": len(e.selected), "seconds": e.closed_at - e.started_at,
-                                  "closed_at": e.closed_at,
+                                  "closed_at": e.closed_at, "cpu": time.process_time(),
+                                  "bytes_in": core.stats.bytes_in, "bytes_out": core.stats.bytes_out,
                                   "max_abs": float(np.abs(e.vector).max()) if e.vector is not None else None}))
 
     core = CoordinatorCore(Topics(FEDERATION), {"w": np.zeros(num_params, np.float32)}, RoundPolicy(**policy),
@@ -401,10 +402,22 @@ def _tail(path: Path, n: int = 25) -> str:
         return "(no log)"
 
 
+def _become_subreaper() -> None:
+    """Orphans of our children (Flower detaches superexec and app processes) reparent to us, not to
+    PID 1 (which in a container may never reap them), so ``ProcessTree.stop`` can reap them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
 class ProcessTree:
     """Processes started here, each in its own session; ``stop`` ends each and its descendants by pid."""
 
     def __init__(self) -> None:
+        _become_subreaper()
         self.procs: list[subprocess.Popen] = []
         self.seen: dict[int, object] = {}  # pid -> psutil.Process, descendants noticed while running
 
@@ -445,6 +458,11 @@ class ProcessTree:
                 if proc.is_running():
                     proc.kill()
             except psutil.NoSuchProcess:
+                pass
+        for pid in self.seen:
+            try:
+                os.waitpid(pid, 0)  # ours as subreaper: no zombies left behind
+            except ChildProcessError:
                 pass
 
 

@@ -114,6 +114,7 @@ class _Device:
     connects: int = 0
     published: int = 0
     published_ok: int = 0
+    received: int = 0
     finished: bool = False
     killed: bool = False
     last_refusal: str | None = None
@@ -258,12 +259,14 @@ class Swarm:
         self._call(do)
 
     def stats(self) -> dict[str, int]:
-        """Sum of the cores' counters (bytes_up, shards_sent, rounds_accepted, ...) plus connects."""
-        total: dict[str, int] = {"connects": 0}
+        """Sum of the cores' counters (bytes_up, shards_sent, rounds_accepted, ...), connects and messages."""
+        total: dict[str, int] = {"connects": 0, "published": 0, "received": 0}
         for d in self.devices.values():
             for k in d.core.stats.__slots__:
                 total[k] = total.get(k, 0) + getattr(d.core.stats, k)
             total["connects"] += d.connects
+            total["published"] += d.published  # MQTT PUBLISH packets queued (shards, status)
+            total["received"] += d.received  # PUBLISH packets delivered to the devices
         return total
 
     # -- the loop --------------------------------------------------------------------------
@@ -493,6 +496,7 @@ class Swarm:
         self._events.append(("down", d))
 
     def _cb_message(self, client, d: _Device, msg) -> None:
+        d.received += 1
         self._events.append(("msg", d, msg.topic, bytes(msg.payload)))
 
     def _cb_publish(self, client, d: _Device, mid, reason_code, properties) -> None:
