@@ -80,6 +80,8 @@ class UpdateScreen:
             return NORM_BOUND
         return None
 
+    __call__ = check  # so the screen itself is the core's ``screen(vector, num_samples)`` hook
+
     @staticmethod
     def norm(vector: np.ndarray) -> float:
         """L2 norm, accumulated in float64 (no overflow for any finite float32 vector).
