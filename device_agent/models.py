@@ -54,12 +54,12 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
         (1.3863, (2, 4))
     """
     n = logits.shape[0]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    log_probs = shifted - log_norm
     rows = np.arange(n)
-    loss = float(-log_probs[rows, y].mean())
-    dlogits = np.exp(log_probs)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    dlogits = np.exp(shifted)  # <= 1 everywhere, and 1 at each row's maximum
+    norm = dlogits.sum(axis=1)  # >= 1, so its log is finite
+    loss = float(np.mean(np.log(norm) - shifted[rows, y]))
+    dlogits /= norm[:, None]
     dlogits[rows, y] -= 1.0
     dlogits /= n
     return loss, dlogits
@@ -71,7 +71,8 @@ class SoftmaxRegression:
     Example:
         >>> model = SoftmaxRegression(dim=3, num_classes=2)
         >>> params = model.init_params(np.random.default_rng(0))
-        >>> loss, grads = model.loss_and_grad(params, np.ones((4, 3), np.float32), np.array([0, 1, 1, 0]))
+        >>> x, y = np.ones((4, 3), np.float32), np.array([0, 1, 1, 0])
+        >>> loss, grads = model.loss_and_grad(params, x, y)
         >>> sorted(grads), grads["w"].shape
         (['b', 'w'], (3, 2))
     """
