@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from coordinator import model_store
 from coordinator.aggregate import FedAvg, Strategy
 from coordinator.assembler import RoundLayout, ShardAssembler, ShardOutcome
 from fedsync.actions import Publish
@@ -160,6 +161,8 @@ class CoordinatorCore:
         self._past: dict[int, _Round] = {}
         # screen(vector, num_samples) -> refusal reason or None (coordinator/hardening.py)
         self.screen = screen
+        self._delta_from = -1  # version whose delta to the current one is published, or -1
+        self._last_model_publish: list[Publish] = []
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
     # -- durability ----------------------------------------------------------
@@ -202,7 +205,8 @@ class CoordinatorCore:
         """Everything the coordinator keeps retained on the broker, to (re)publish it."""
         status = PeerStatus("coordinator", "online", self.incarnation)
         out: list = [Publish(self.topics.coordinator_status, encode(status), 1, True)]
-        out += self._publish_model()
+        self._last_model_publish = self._publish_model()
+        out += self._last_model_publish
         if self.round is not None:
             # Same round, new incarnation: devices learn of the restart and keep going.
             out.append(self._manifest_publish(replace(self.round.manifest, incarnation=self.incarnation)))
@@ -411,15 +415,22 @@ class CoordinatorCore:
         self.closed_through = r.manifest.round_id
         out: list = []
         if new_vector is not None:
-            old_version = self.version
-            self.vector, self.version = new_vector, self.version + 1
+            old_version, old_vector, old_delta_from = self.version, self.vector, self._delta_from
+            _, exact = model_store.exact_step(old_vector, new_vector)
+            self.vector, self.version = exact, self.version + 1
             self.stats.rounds_committed += 1
             # Checkpoint before anything is published: the service makes it durable first.
-            out += [self.checkpoint()] + self._publish_model()
+            out += [self.checkpoint()]
+            self._last_model_publish = self._publish_model()
+            delta = self._publish_delta(old_vector)
+            self._delta_from = old_version if delta else -1
+            out += self._last_model_publish + delta
             event = RoundClosed(r.manifest.round_id, "committed", self.version, tuple(sorted(r.selected)),
                                 accepted, r.manifest.issued_at, now, reason, self.vector, _mean_metrics(r.metrics))
             out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
+            self._delta_from = old_delta_from  # _clear_model retires the delta *into* old_version
             out += self._clear_model(old_version)
+            self._delta_from = old_version if delta else -1
         else:
             self.stats.rounds_abandoned += 1
             event = RoundClosed(r.manifest.round_id, "abandoned", self.version, tuple(sorted(r.selected)),
@@ -439,7 +450,8 @@ class CoordinatorCore:
             model_shards=-(-self.vector.size // p.shard_values), param_spec=self.spec,
             num_params=self.vector.size, shard_values=p.shard_values, update_codec=p.update_codec,
             update_qos=p.update_qos, deadline=now + (p.round_timeout if state == "open" else 0.0),
-            issued_at=now, quorum=quorum, target=target, selected=selected, hyper=self.hyper)
+            issued_at=now, quorum=quorum, target=target, selected=selected, hyper=self.hyper,
+            delta_from=self._delta_from)
 
     def _idle_manifest(self, now: float, state: str = "waiting") -> RoundManifest:
         return self._manifest(now, state, (), 0, 0)
@@ -451,19 +463,23 @@ class CoordinatorCore:
         return Publish(self.topics.ack(ack.device), encode(ack), 1, True)
 
     def _publish_model(self) -> list[Publish]:
-        codec = get_codec(self.policy.model_codec)
-        slices = shard_slices(self.vector.size, self.policy.shard_values)
-        out = []
-        for i, (off, n) in enumerate(slices):
-            data = codec.encode(self.vector[off:off + n])
-            shard = ModelShard(self.version, i, len(slices), off, n, self.vector.size, codec.name, digest(data), data)
-            out.append(Publish(self.topics.model(self.version, i), encode(shard), 1, True))
-        return out
+        return model_store.model_shards(self.topics, self.version, self.vector, self.policy.shard_values,
+                                        self.policy.model_codec)
 
     def _clear_model(self, version: int) -> list[Publish]:
-        # MQTT 3.1.1 §3.3.1.3: a retained message with an empty payload removes the retained one.
         n = -(-self.vector.size // self.policy.shard_values)
-        return [Publish(self.topics.model(version, i), b"", 1, True) for i in range(n)]
+        out = model_store.clear(self.topics, version, n)
+        if self._delta_from >= 0:  # the delta into the version being retired
+            out += model_store.clear(self.topics, version, n, base=self._delta_from)
+        return out
+
+    def _publish_delta(self, old: np.ndarray) -> list[Publish]:
+        """The step old -> current, when it is smaller than the full model (else nothing)."""
+        delta = (self.vector - old).astype(np.float32)  # exact: self.vector = old + delta (exact_step)
+        shards = model_store.model_shards(self.topics, self.version, delta, self.policy.shard_values,
+                                          self.policy.model_codec, base=self.version - 1)
+        full = model_store.payload_bytes(self._last_model_publish)
+        return shards if model_store.payload_bytes(shards) < full else []
 
     def _reject(self, reason: str) -> None:
         self.stats.shards_rejected += 1

@@ -103,6 +103,7 @@ class AgentStats:
     rounds_accepted: int = 0
     updates_rejected: int = 0
     model_fetches: int = 0
+    delta_fetches: int = 0
     bad_messages: int = 0
 
 
@@ -146,6 +147,7 @@ class AgentCore:
         self.stats = AgentStats()
         self._model: tuple[int, bytes, np.ndarray] | None = None  # version, digest, vector
         self._fetch: dict[int, np.ndarray] = {}
+        self._fetch_base = -1  # >= 0 while fetching a delta from that version
         self._upload: _Upload | None = None
         self._progress_at = 0.0
         self.feedback = None  # fedsync.compress.ErrorFeedback, for biased codecs (top-k)
@@ -165,7 +167,7 @@ class AgentCore:
                 return self._on_manifest(decode(payload, RoundManifest), now)
             if topic == self.topics.ack(self.device_id):
                 return self._on_ack(decode(payload, ShardAck), now)
-            if topic.startswith(self.topics.root + "/model/"):
+            if topic.startswith((self.topics.root + "/model/", self.topics.root + "/modeldelta/")):
                 self.stats.bytes_down += len(payload)
                 return self._on_model_shard(topic, decode(payload, ModelShard), now)
         except ProtocolError as err:
@@ -265,20 +267,24 @@ class AgentCore:
         self.state = "fetching"
         self._fetch = {}
         self.stats.model_fetches += 1
-        return out + [Subscribe(self.topics.model_filter(m.model_version), 1)]
+        # One version behind and a delta is published: fetch only the difference.
+        have = self._model[0] if self._model is not None else -1
+        self._fetch_base = m.delta_from if m.delta_from >= 0 and have == m.delta_from else -1
+        self.stats.delta_fetches += self._fetch_base >= 0
+        return out + [Subscribe(self._fetch_filter(m), 1)]
 
     def _stop_fetch(self) -> list:
         if self.state == "fetching" and self.job is not None:
             self._fetch = {}
-            return [Unsubscribe(self.topics.model_filter(self.job.model_version))]
+            return [Unsubscribe(self._fetch_filter(self.job))]
         return []
 
     def _on_model_shard(self, topic: str, s: ModelShard, now: float) -> list:
         m = self.job
-        version, index = self.topics.parse_model(topic)
-        if self.state != "fetching" or m is None or version != m.model_version:
+        version, index, base = self.topics.parse_model(topic)
+        if self.state != "fetching" or m is None or version != m.model_version or base != self._fetch_base:
             return []  # an old version's shard, or one we no longer need
-        if (s.version, s.index) != (version, index):
+        if (s.version, s.index, s.base) != (version, index, base):
             raise ProtocolError("index", "topic_mismatch", f"shard {s.version}/{s.index} on topic {version}/{index}")
         if s.num_params != m.num_params or s.count != m.model_shards or s.codec != m.model_codec:
             raise ProtocolError("model", "layout", "shard does not match the manifest")
@@ -290,12 +296,24 @@ class AgentCore:
             return []
         vector = np.concatenate([self._fetch[i] for i in range(m.model_shards)])
         self._fetch = {}
-        unsub = Unsubscribe(self.topics.model_filter(version))
+        out: list = [Unsubscribe(self._fetch_filter(m))]
+        if base >= 0:
+            assert self._model is not None and self._model[0] == base
+            vector = (self._model[2] + vector).astype(np.float32)  # exact: see coordinator/model_store.py
         if vector_digest(vector) != m.model_digest:
+            out.append(Note("model_digest_mismatch", {"version": version, "delta_from": base}))
+            if base >= 0:  # fall back to the full model
+                self._fetch_base = -1
+                return out + [Subscribe(self.topics.model_filter(m.model_version), 1)]
             self.state = "idle"
-            return [unsub, Note("model_digest_mismatch", {"version": version})]
+            return out
         self._model = (m.model_version, m.model_digest, vector)
-        return [unsub] + self._train(m)
+        return out + self._train(m)
+
+    def _fetch_filter(self, m: RoundManifest) -> str:
+        if self._fetch_base >= 0:
+            return self.topics.model_delta_filter(self._fetch_base, m.model_version)
+        return self.topics.model_filter(m.model_version)
 
     def _train(self, m: RoundManifest) -> list:
         assert self._model is not None

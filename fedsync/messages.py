@@ -166,6 +166,7 @@ class RoundManifest(_Message):
     target: int
     selected: tuple[str, ...]
     hyper: dict[str, float] = field(default_factory=dict)
+    delta_from: int = -1  # a device holding this version may fetch modeldelta/{delta_from}/{version}/+
 
     KIND: ClassVar[str] = "manifest"
 
@@ -198,6 +199,7 @@ class ModelShard(_Message):
     codec: str
     digest: bytes
     data: bytes
+    base: int = -1  # >= 0: this shard is of the delta from version ``base`` (see coordinator/model_store.py)
 
     KIND: ClassVar[str] = "model"
 
@@ -308,6 +310,7 @@ RoundManifest._SPEC = {
     "target": _int(0, MAX_DEVICES),
     "selected": _list(_ident, MAX_DEVICES),
     "hyper": _float_map(),
+    "delta_from": _int(-1, 2**53),
 }
 ModelShard._SPEC = {
     "version": _VERSION,
@@ -319,6 +322,7 @@ ModelShard._SPEC = {
     "codec": _CODEC,
     "digest": _DIGEST,
     "data": _bytes(MAX_PAYLOAD),
+    "base": _int(-1, 2**53),
 }
 UpdateShard._SPEC = {
     "device": _ident,

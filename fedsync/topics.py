@@ -58,6 +58,12 @@ class Topics:
     def model_filter(self, version: int) -> str:
         return f"{self.root}/model/{version}/+"
 
+    def model_delta(self, base: int, version: int, shard: int) -> str:
+        return f"{self.root}/modeldelta/{base}/{version}/{shard}"
+
+    def model_delta_filter(self, base: int, version: int) -> str:
+        return f"{self.root}/modeldelta/{base}/{version}/+"
+
     def up(self, device: str, round_id: int, update_id: str, shard: int) -> str:
         return f"{self.root}/up/{device}/{round_id}/{update_id}/{shard}"
 
@@ -96,11 +102,14 @@ class Topics:
             raise ProtocolError("topic", "format", f"not a status topic: {topic!r}")
         return check_name("topic.device", topic[len(prefix):])
 
-    def parse_model(self, topic: str) -> tuple[int, int]:
+    def parse_model(self, topic: str) -> tuple[int, int, int]:
+        """``(version, shard, base)`` of a model topic; ``base`` is -1 for a full model shard."""
         parts = topic.split("/")
-        if len(parts) != 5 or parts[:3] != ["fedsync", self.federation, "model"]:
-            raise ProtocolError("topic", "format", f"not a model topic: {topic!r}")
-        return _int("topic.version", parts[3]), _int("topic.shard", parts[4])
+        if len(parts) == 5 and parts[:3] == ["fedsync", self.federation, "model"]:
+            return _int("topic.version", parts[3]), _int("topic.shard", parts[4]), -1
+        if len(parts) == 6 and parts[:3] == ["fedsync", self.federation, "modeldelta"]:
+            return _int("topic.version", parts[4]), _int("topic.shard", parts[5]), _int("topic.base", parts[3])
+        raise ProtocolError("topic", "format", f"not a model topic: {topic!r}")
 
 
 def _int(field: str, text: str) -> int:

@@ -279,3 +279,25 @@ def test_semisync_waits_for_the_period_not_the_target():
     sim.advance(20.0)
     (r1,) = sim.closed()
     assert (r1.outcome, r1.reason, r1.accepted) == ("committed", "deadline", ("dev-0", "dev-1"))
+
+
+def test_devices_one_version_behind_fetch_only_the_delta_and_get_the_exact_model():
+    params = {"w": np.random.default_rng(1).normal(size=(60, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
+    sim = Sim(DEVICES, RoundPolicy(rounds=3, target=3, quorum=3, min_devices=3, shard_values=256), params=params)
+    sim.trainers = {d: offset_trainer(OFFSETS[d], SAMPLES[d]) for d in DEVICES}
+    sim.start()
+    sim.settle()
+    assert sim.coord.version == 3
+    for d in DEVICES:
+        a = sim.agents[d]
+        assert (a.stats.model_fetches, a.stats.delta_fetches) == (3, 2)  # full once, then deltas
+        assert a._model[0] == 2  # trained last on version 2, fetched as version 1 + delta
+    expected = flatten(params) + np.float32(3 * EXPECTED_STEP)
+    assert np.allclose(sim.coord.vector, expected, atol=1e-5)
+    m = decode(sim.retained[sim.topics.manifest], RoundManifest)
+    assert m.delta_from == 2
+    # one generation of deltas stays retained (2 -> 3), and it is smaller than the full model
+    deltas = sorted(t for t in sim.retained if "/modeldelta/" in t)
+    assert deltas == [f"fedsync/sim/modeldelta/2/3/{i}" for i in range(3)]
+    full = sum(len(p) for t, p in sim.retained.items() if "/model/3/" in t)
+    assert sum(len(sim.retained[t]) for t in deltas) < full / 3
