@@ -158,6 +158,7 @@ class Swarm:
         self._connecting = 0
         self._closing = False  # set by stop(): a closed link is not retried
         self.all_finished = threading.Event()
+        self.failures = 0  # exceptions from a core or an adapter step, logged and survived
         self.devices: dict[str, _Device] = {}
         for i, spec in enumerate(devices):
             core = AgentCore(spec.device_id, topics, random.Random(f"{seed}:{spec.device_id}"),
@@ -316,12 +317,16 @@ class Swarm:
                 kind, d = ev[0], ev[1]
                 if d.killed:
                     continue
-                if kind == "msg":
-                    self._execute(d, d.core.on_message(ev[2], ev[3], time.time()))
-                elif kind == "connack":
-                    self._on_connack(d, ev[2], ev[3])
-                elif kind == "down":
-                    self._on_down(d)
+                try:
+                    if kind == "msg":
+                        self._execute(d, d.core.on_message(ev[2], ev[3], time.time()))
+                    elif kind == "connack":
+                        self._on_connack(d, ev[2], ev[3])
+                    elif kind == "down":
+                        self._on_down(d)
+                except Exception:  # noqa: BLE001 - one device's failure must not stop the other 999
+                    self.failures += 1
+                    log.exception("device_event_failed device=%s kind=%s", d.spec.device_id, kind)
 
     def _on_connack(self, d: _Device, refusal: str | None, session_present: bool) -> None:
         if d.state == "connecting":
@@ -436,8 +441,12 @@ class Swarm:
             except queue.Empty:
                 return
             if not d.killed:
-                self._execute(d, d.core.on_trained(round_id, result.params, result.num_samples, result.metrics,
-                                                   time.time()))
+                try:
+                    self._execute(d, d.core.on_trained(round_id, result.params, result.num_samples, result.metrics,
+                                                       time.time()))
+                except Exception:  # noqa: BLE001 - as above
+                    self.failures += 1
+                    log.exception("device_event_failed device=%s kind=trained", d.spec.device_id)
 
     def _check_finished(self) -> None:
         if all(d.finished or d.killed for d in self.devices.values()):
