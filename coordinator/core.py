@@ -57,6 +57,7 @@ from fedsync.topics import Topics
 
 
 RECENT_ROUNDS = 4  # closed rounds whose accepted update ids are remembered
+PRESENCE_SETTLE = 2.0  # seconds after start before a device never heard from counts as gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class RoundPolicy:
     model_codec: str = "zstd"
     update_codec: str = "zstd"
     update_qos: int = 1
+    offline_grace: float = 0.0  # seconds a selected device may be offline before the round stops waiting
     staleness_exponent: float = 0.5  # async: an update s versions old weighs (1 + s) ** -a
     max_staleness: int = 4  # async: updates more than this many versions old are refused
 
@@ -162,6 +164,8 @@ class CoordinatorCore:
         # screen(vector, num_samples) -> refusal reason or None (coordinator/hardening.py)
         self.screen = screen
         self._delta_from = -1  # version whose delta to the current one is published, or -1
+        self._offline_since: dict[str, float] = {}
+        self._started_at: float | None = None
         self._last_model_publish: list[Publish] = []
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
@@ -188,7 +192,7 @@ class CoordinatorCore:
             elif name in self.stats.__dataclass_fields__:
                 setattr(self.stats, name, value)
 
-    def resume_round(self, manifest: RoundManifest) -> None:
+    def resume_round(self, manifest: RoundManifest, now: float) -> None:
         """Re-open the round a crashed incarnation had open (same id, selection and deadline).
 
         The journalled shards are then replayed through :meth:`on_message`.
@@ -200,6 +204,7 @@ class CoordinatorCore:
         self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
                             frozenset(manifest.selected))
         self.next_round_id = max(self.next_round_id, manifest.round_id + 1)
+        self._started_at = now  # presence is unknown until the retained statuses arrive
 
     def retained_state(self, now: float) -> list:
         """Everything the coordinator keeps retained on the broker, to (re)publish it."""
@@ -217,6 +222,7 @@ class CoordinatorCore:
     # -- inputs -------------------------------------------------------------
 
     def start(self, now: float) -> list:
+        self._started_at = now
         out = self.retained_state(now)
         if self.round is None and not self.finished:
             out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
@@ -227,7 +233,9 @@ class CoordinatorCore:
         r = self.round
         if r is not None and now >= r.manifest.deadline:
             out += self._close(now, "deadline")
-        elif r is None:
+        elif r is not None:
+            out += self._check_early_close(now)  # a grace period may have run out
+        else:
             out += self._maybe_open(now)
         return self._count_out(out)
 
@@ -349,9 +357,11 @@ class CoordinatorCore:
             raise ProtocolError("peer", "topic_mismatch", f"status for {status.peer!r} on {device!r}'s topic")
         if status.state == "online":
             self.online.add(device)
+            self._offline_since.pop(device, None)
             return [] if self.round else self._maybe_open(now)
         if device in self.online:
             self.online.discard(device)
+            self._offline_since[device] = now
             self.stats.devices_offline_detected += 1
             return [DeviceOffline(device, now)] + self._check_early_close(now)
         return []
@@ -391,10 +401,22 @@ class CoordinatorCore:
             return self._close(now, "buffer_full") if r.buffered >= r.manifest.target else []
         if len(accepted) >= r.manifest.target and self.policy.mode == "sync":
             return self._close(now, "target")
-        pending_alive = (r.selected - accepted - r.assembler.refused_devices) & self.online
+        pending_alive = {d for d in r.selected - accepted - r.assembler.refused_devices if self._presumed_alive(d, now)}
         if not pending_alive and len(accepted) >= r.manifest.quorum:
             return self._close(now, "quorum_no_live_pending")
         return []
+
+    def _presumed_alive(self, device: str, now: float) -> bool:
+        """Online, or offline for less than ``offline_grace`` (a flaky link, a phone rebooting).
+        Right after a (re)start, presence is still arriving as retained statuses: a device not yet
+        heard from counts as alive for PRESENCE_SETTLE seconds, so a recovered round is not
+        closed before anyone could say they are there."""
+        if device in self.online:
+            return True
+        since = self._offline_since.get(device)
+        if since is not None:
+            return now - since < self.policy.offline_grace
+        return self._started_at is not None and now - self._started_at < max(PRESENCE_SETTLE, self.policy.offline_grace)
 
     def _close(self, now: float, reason: str) -> list:
         r = self.round

@@ -139,7 +139,7 @@ class CoordinatorService:
             self.core.restore(rec.checkpoint)
         actions: list = []
         if rec.manifest is not None:
-            self.core.resume_round(rec.manifest)
+            self.core.resume_round(rec.manifest, now)
             self.journal.open_round(rec.manifest)
             for topic, payload in rec.shards:
                 # Replay through the ordinary path: dedup makes it idempotent. Already durable.

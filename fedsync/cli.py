@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="fault-injecting TCP proxy between agents and broker", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
+    p = sub.add_parser("fieldtest", help="the federation through a chaos proxy, with crashes; writes a report")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--profile", default="wifi-flaky", help="chaos link profile (docs/chaos.md)")
+    p.add_argument("--kill-fraction", type=float, default=0.2, help="devices killed mid-upload and restarted")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fieldtest-report", help="directory for report.json and the plots")
+    p.add_argument("--json", action="store_true", help="last line of stdout: the summary as JSON")
+
     p = sub.add_parser("demo", help="run a whole federation on loopback")
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
@@ -287,6 +296,15 @@ def cmd_chaos(a: argparse.Namespace) -> int:
     return chaos_main(a.rest)
 
 
+def cmd_fieldtest(a: argparse.Namespace) -> int:
+    from coordinator.fieldtest import FieldtestOptions, run_fieldtest
+
+    configure("warning")
+    report = run_fieldtest(FieldtestOptions(devices=a.devices, rounds=a.rounds, profile=a.profile,
+                                            kill_fraction=a.kill_fraction, seed=a.seed, out=a.out, json=a.json))
+    return 0 if report["summary"]["finished"] else 1
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from coordinator.demo import DemoOptions, run_demo
 
@@ -306,7 +324,7 @@ class _StatusConfig:
 
 
 _COMMANDS = {"broker": cmd_broker, "broker-config": cmd_broker_config, "coordinator": cmd_coordinator, "agent": cmd_agent,
-             "status": cmd_status, "chaos": cmd_chaos, "demo": cmd_demo}
+             "status": cmd_status, "chaos": cmd_chaos, "fieldtest": cmd_fieldtest, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

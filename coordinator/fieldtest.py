@@ -1,0 +1,265 @@
+"""``fedsync fieldtest``: the demo's federation through a chaos proxy, with crashes, and a report.
+
+What it does, in order:
+
+1. starts mosquitto (the production broker; amqtt if mosquitto is missing);
+2. runs the federation fault-free, directly against the broker: the reference;
+3. runs it again with the same seed with every device connection going
+   through :class:`fedsync.chaos.ChaosProxy` with a named link profile
+   (latency, bandwidth cap, resets, stalls, blackouts), while
+   * a fraction of the devices is killed mid-upload (socket dropped, host
+     state gone) and restarted from its persistent outbox, and
+   * the coordinator is crashed once mid-round (no DISCONNECT: its will fires)
+     and restarted from its journal;
+4. writes ``report.json`` (per round: participants, drop-outs, retransmitted
+   shards, duplicates dropped, bytes, accuracy, round time) and three PNG
+   plots (accuracy per round against the fault-free run, bytes per round,
+   devices online over time).
+
+The coordinator runs beside the broker (direct connection); devices reach it
+over the faulty links, as in the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from broker_config.process import BrokerProcess, mosquitto_available
+from coordinator.core import RoundPolicy
+from coordinator.federation import LocalFederation, RoundRecord, device_ids, make_users
+from fedsync.chaos import ChaosProxy, get_profile
+
+
+@dataclass(frozen=True, slots=True)
+class FieldtestOptions:
+    devices: int = 20
+    rounds: int = 15
+    profile: str = "wifi-flaky"
+    kill_fraction: float = 0.2
+    seed: int = 0
+    out: str = "fieldtest-report"
+    json: bool = False
+    keepalive: int = 5  # short, so half-open links (stalls) are noticed within a round
+    resend_after: float = 4.0
+    round_timeout: float = 40.0
+    offline_grace: float = 10.0
+    timeout: float = 900.0
+
+
+@dataclass(slots=True)
+class _Tap:
+    """Per-round deltas of the agents' counters and the online count over time."""
+
+    fed: LocalFederation
+    t0: float
+    last: dict
+    rows: list
+    online: list
+
+    def on_round(self, rec: RoundRecord) -> None:
+        now = self.fed.agent_stats()
+        core = self.fed.coordinator.core
+        cur = {**now, "duplicates_dropped": core.stats.duplicates_dropped}
+        d = {k: cur.get(k, 0) - self.last.get(k, 0) for k in cur}
+        self.last = cur
+        self.rows.append({
+            "round": rec.round_id, "outcome": rec.outcome, "reason": rec.reason, "selected": rec.selected,
+            "participants": rec.accepted, "dropouts": rec.selected - rec.accepted,
+            "retransmitted_shards": d.get("shards_resent", 0), "duplicates_dropped": d.get("duplicates_dropped", 0),
+            "bytes_up": d.get("bytes_up", 0), "bytes_down": d.get("bytes_down", 0),
+            "accuracy": rec.accuracy, "round_seconds": round(rec.seconds, 3),
+            "at_seconds": round(time.perf_counter() - self.t0, 3)})
+
+    def sample(self, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            self.online.append((round(time.perf_counter() - self.t0, 2), len(self.fed.coordinator.core.online)))
+
+
+def run_fieldtest(opts: FieldtestOptions) -> dict:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    users = make_users(opts.devices)
+    kind = "mosquitto" if mosquitto_available() else "amqtt"
+    quorum = max(1, math.ceil(0.6 * opts.devices))
+    # Rounds wait for a device that drops off for up to offline_grace (a flaky link, a reboot); the first
+    # round opens once every device is online. The fault-free run uses the same policy.
+    policy = RoundPolicy(rounds=opts.rounds, target=opts.devices, quorum=quorum, min_devices=opts.devices,
+                         round_timeout=opts.round_timeout, offline_grace=opts.offline_grace)
+    started = time.perf_counter()
+    with TemporaryDirectory(prefix="fedsync-fieldtest-") as tmp, BrokerProcess(kind, users=users) as broker:
+        with console.status(f"fault-free reference run ({opts.devices} devices, {opts.rounds} rounds)"):
+            ref = LocalFederation(broker.url, users, n_devices=opts.devices, seed=opts.seed, policy=policy,
+                                  federation="ref", keepalive=opts.keepalive, resend_after=opts.resend_after)
+            ref.start()
+            ref_ok = ref.wait(opts.timeout)
+            ref_summary = ref.summary()
+            ref.stop()
+        profile = get_profile(opts.profile)
+        victims = device_ids(opts.devices)[:round(opts.kill_fraction * opts.devices)]
+        with ChaosProxy(None, (broker.host, broker.port), profile, seed=opts.seed) as proxy:
+            result = _faulty_run(console, opts, users, policy, broker, proxy, victims, f"{tmp}/state")
+            result["proxy"] = proxy.stats()
+    report = _report(opts, kind, ref_ok, ref_summary, ref, result, victims, time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _plots(report, out)
+    _print(console, report, out)
+    if opts.json:
+        print(json.dumps(report["summary"]))
+    return report
+
+
+def _faulty_run(console, opts, users, policy, broker, proxy, victims, state_dir) -> dict:
+    kill_round = {d: 2 + i % max(1, opts.rounds - 3) for i, d in enumerate(victims)}  # spread over the run
+    crashed: dict[str, threading.Event] = {d: threading.Event() for d in victims}
+    up_count = {d: 0 for d in victims}
+    fed: LocalFederation
+
+    def hook(device: str, topic: str) -> None:
+        # Kill a victim during its upload in its chosen round (topic: .../up/{device}/{round}/...).
+        if device in crashed and not crashed[device].is_set() and "/up/" in topic:
+            if int(topic.split("/")[4]) >= kill_round[device]:
+                up_count[device] += 1
+                fed.kill_device(device)
+                crashed[device].set()
+
+    fed = LocalFederation(proxy.url, users, n_devices=opts.devices, seed=opts.seed, policy=policy,
+                          federation="field", keepalive=opts.keepalive, resend_after=opts.resend_after,
+                          state_dir=state_dir, coordinator_url=broker.url, solo=tuple(victims), publish_hook=hook)
+    tap = _Tap(fed, time.perf_counter(), {}, [], [])
+    fed.on_round = tap.on_round
+    stop_sampling = threading.Event()
+    sampler = threading.Thread(target=tap.sample, args=(stop_sampling,), daemon=True)
+    events: list[dict] = []
+    coordinator_crash_round = max(2, opts.rounds // 2)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{opts.profile}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("rounds", total=opts.rounds, last="")
+        fed.start()
+        sampler.start()
+        restarted: set[str] = set()
+        coordinator_crashed = False
+        deadline = time.perf_counter() + opts.timeout
+        while not fed.wait(0.2) and time.perf_counter() < deadline:
+            committed = fed.coordinator.core.stats.rounds_committed
+            progress.update(task, completed=committed,
+                            last=f"online {len(fed.coordinator.core.online)}, resets {proxy.stats().get('resets', 0)}")
+            for d in victims:
+                if crashed[d].is_set() and d not in restarted:
+                    fed.crash_device(d)
+                    events.append({"at": round(time.perf_counter() - tap.t0, 2), "event": "device_killed", "device": d})
+                    time.sleep(1.0)  # the phone reboots
+                    fed.restart_device(d)
+                    restarted.add(d)
+                    events.append({"at": round(time.perf_counter() - tap.t0, 2), "event": "device_restarted", "device": d})
+            r = fed.coordinator.core.round
+            if (not coordinator_crashed and r is not None and r.manifest.round_id >= coordinator_crash_round
+                    and r.assembler.accepted_devices):
+                fed.crash_coordinator()
+                events.append({"at": round(time.perf_counter() - tap.t0, 2), "event": "coordinator_killed",
+                               "round": r.manifest.round_id})
+                time.sleep(1.0)
+                fed.restart_coordinator()
+                coordinator_crashed = True
+                events.append({"at": round(time.perf_counter() - tap.t0, 2), "event": "coordinator_restarted"})
+        finished = fed.wait(0)
+        summary = fed.summary()
+        stop_sampling.set()
+    fed.stop()
+    return {"finished": finished, "summary": summary, "rows": tap.rows, "online": tap.online, "events": events,
+            "fed": fed}
+
+
+def _report(opts, kind, ref_ok, ref_summary, ref, result, victims, wall) -> dict:
+    fed: LocalFederation = result.pop("fed")
+    s = result["summary"]
+    rows = result["rows"]
+    counted = sum(r["participants"] for r in rows if r["outcome"] == "committed")
+    # Each committed round's contributors are distinct devices (checked in the core); across the whole run
+    # the coordinator's counter must equal the sum of per-round participants: nothing counted twice.
+    summary = {
+        "rounds_completed": s["rounds_completed"], "rounds_abandoned": s["rounds_abandoned"],
+        "final_accuracy": s["final_accuracy"], "fault_free_final_accuracy": ref_summary["final_accuracy"],
+        "accuracy_gap_pp": round(100 * (ref_summary["final_accuracy"] - s["final_accuracy"]), 3)
+        if s["final_accuracy"] is not None else None,
+        "updates_accepted": s["updates_accepted"], "updates_in_committed_rounds": counted,
+        "updates_double_counted": max(0, s["updates_accepted"] - counted - sum(
+            r["participants"] for r in rows if r["outcome"] == "abandoned")),
+        "duplicates_dropped": s["duplicates_dropped"], "shards_rejected": s["shards_rejected"],
+        "shards_resent": s["shards_resent"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+        "devices_offline_detected": s["devices_offline_detected"], "devices_killed": victims,
+        "finished": result["finished"], "fault_free_finished": ref_ok, "profile": opts.profile,
+        "broker": kind, "wall_seconds": round(wall, 2),
+    }
+    return {"summary": summary, "rounds": rows, "fault_free_accuracy": ref_summary["accuracy_per_round"],
+            "online": result["online"], "events": result["events"], "proxy": result["proxy"],
+            "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}}
+
+
+def _plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rounds"] if r["outcome"] == "committed"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ref = report["fault_free_accuracy"]
+    ax.plot(range(1, len(ref) + 1), ref, marker="o", label="fault-free")
+    ax.plot(range(1, len(rows) + 1), [r["accuracy"] for r in rows], marker="x",
+            label=f"{report['summary']['profile']} + crashes")
+    ax.set_xlabel("committed round")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    idx = range(1, len(report["rounds"]) + 1)
+    ax.bar([i - 0.2 for i in idx], [r["bytes_up"] / 1024 for r in report["rounds"]], width=0.4, label="up (KiB)")
+    ax.bar([i + 0.2 for i in idx], [r["bytes_down"] / 1024 for r in report["rounds"]], width=0.4, label="down (KiB)")
+    ax.set_xlabel("round (in order closed)")
+    ax.set_ylabel("KiB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    if report["online"]:
+        t, n = zip(*report["online"])
+        ax.step(t, n, where="post", label="devices online (coordinator's view)")
+    for e in report["events"]:
+        ax.axvline(e["at"], color="red" if "killed" in e["event"] else "green", alpha=0.3, linewidth=1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("devices online")
+    ax.set_title("red: kills, green: restarts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "online.png", dpi=110)
+    plt.close(fig)
+
+
+def _print(console, report: dict, out: Path) -> None:
+    from rich.table import Table
+
+    s = report["summary"]
+    t = Table(title=f"fedsync fieldtest ({s['profile']}, {s['broker']})", show_header=False)
+    for k in ("rounds_completed", "rounds_abandoned", "final_accuracy", "fault_free_final_accuracy",
+              "accuracy_gap_pp", "updates_accepted", "updates_double_counted", "duplicates_dropped",
+              "shards_resent", "shards_rejected", "devices_offline_detected", "bytes_up", "bytes_down",
+              "wall_seconds"):
+        v = s[k]
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    t.add_row("report", str(out / "report.json"))
+    console.print(t)
