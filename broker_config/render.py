@@ -15,6 +15,7 @@ from unchanged::
         ca.key              the CA's key (self-signed mode; keep it off the broker)
         server.pem/.key     the broker's certificate (SANs: --host names, localhost, 127.0.0.1)
         clients/USER.pem/.key   with --client-certs: one client certificate per account
+        signing/            with --signing: update-signing keys (fedsync.signing)
         data/               mosquitto persistence
 
 Re-running keeps existing passwords (``--rotate-passwords`` makes new ones) and an
@@ -115,6 +116,7 @@ class Setup:
     plain_port: int | None = None
     install_dir: Path | None = None
     rotate_passwords: bool = False
+    signing: str | None = None  # "hmac-sha256" | "ed25519": also make update-signing keys
 
 
 def read_devices(path: str | os.PathLike[str]) -> list[str]:
@@ -165,6 +167,13 @@ def render(s: Setup) -> list[str]:
         for user in users:
             tls.issue_client(ca, user).write(out / "clients" / f"{user}.pem", out / "clients" / f"{user}.key")
         summary.append(f"clients/        {len(users)} client certificates (CN = user)")
+
+    if s.signing:
+        from fedsync.signing import generate_device_keys
+
+        written = generate_device_keys(out / "signing", s.devices, s.signing, rotate=s.rotate_passwords)
+        summary.append(f"signing/        {s.signing} update-signing keys: coordinator.keys for the coordinator, "
+                       f"devices/<id>.key for each device ({len(written) - 1} new)")
 
     data = out / "data"
     data.mkdir(mode=0o700, exist_ok=True)
@@ -306,7 +315,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-port", type=int, help="extra plain-MQTT listener on 127.0.0.1 only")
     p.add_argument("--install-dir", help="where DIR will live on the broker host, for the paths in "
                                          "mosquitto.conf (default: DIR itself)")
-    p.add_argument("--rotate-passwords", action="store_true", help="make new passwords for every account")
+    p.add_argument("--rotate-passwords", action="store_true",
+                   help="make new passwords (and signing keys) for every account")
+    p.add_argument("--signing", choices=["hmac-sha256", "ed25519"],
+                   help="also make one update-signing key per device in DIR/signing (fedsync.signing)")
     return p
 
 
@@ -329,7 +341,8 @@ def main(argv: list[str]) -> int:
             shards_per_update=a.shards_per_update, max_queued_bytes=a.max_queued_bytes,
             ca_cert=Path(a.ca_cert) if a.ca_cert else None, ca_key=Path(a.ca_key) if a.ca_key else None,
             client_certs=a.client_certs, plain_port=a.plain_port,
-            install_dir=Path(a.install_dir) if a.install_dir else None, rotate_passwords=a.rotate_passwords)
+            install_dir=Path(a.install_dir) if a.install_dir else None, rotate_passwords=a.rotate_passwords,
+            signing=a.signing)
         check_name("federation", setup.federation)
         lines = render(setup)
     except (OSError, ValueError, RuntimeError) as exc:

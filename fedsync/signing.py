@@ -247,28 +247,43 @@ def write_device_keys(path: str | os.PathLike[str], keys: Mapping[str, bytes], *
 
 
 def generate_device_keys(out_dir: str | os.PathLike[str], devices: Iterable[str],
-                         scheme: str = "hmac-sha256") -> list[Path]:
-    """Make one key per device: ``out_dir/coordinator.keys`` and ``out_dir/devices/{id}.key``.
+                         scheme: str = "hmac-sha256", *, rotate: bool = False) -> list[Path]:
+    """Keep one key per device in ``out_dir``; return the paths written.
 
-    ``hmac-sha256``: the coordinator's file holds every device's secret (0600).
-    ``ed25519``: it holds public keys only (0644); each device file holds its private key.
-    Returns the paths written.
+    Layout: ``out_dir/scheme`` (the scheme's name), ``out_dir/coordinator.keys`` (HMAC:
+    every device's secret, 0600; Ed25519: public keys only, 0644) and
+    ``out_dir/devices/{id}.key`` (the device's own secret or private key, 0600).
+    Re-running keeps the keys of devices still listed (``rotate=True`` replaces them),
+    adds keys for new devices and deletes the files of devices no longer listed.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     out = Path(out_dir)
     (out / "devices").mkdir(parents=True, exist_ok=True, mode=0o700)
+    public = scheme == "ed25519"
+    recorded = (out / "scheme").read_text(encoding="utf-8").strip() if (out / "scheme").exists() else None
+    if recorded is not None and recorded != scheme and not rotate:
+        raise ValueError(f"{out} holds {recorded} keys; pass rotate to replace them with {scheme} keys")
+    keep = recorded == scheme and not rotate
     coordinator: dict[str, bytes] = {}
     written: list[Path] = []
+    devices = [check_name("device", d) for d in devices]
     for device in devices:
-        if scheme == "hmac-sha256":
-            own = coordinator[device] = generate_hmac_key()
-        else:
+        path = out / "devices" / f"{device}.key"
+        if keep and path.exists():
+            own = load_device_keys(path)[device]
+            coordinator[device] = Ed25519Signer(own).public_key_bytes() if public else own
+            continue
+        if public:
             own, coordinator[device] = generate_ed25519_keypair()
-        path = out / "devices" / f"{check_name('device', device)}.key"
+        else:
+            own = coordinator[device] = generate_hmac_key()
         write_device_keys(path, {device: own}, comment=f"{scheme} key of {device}: install on that device only")
         written.append(path)
-    public = scheme == "ed25519"
+    for stale in (out / "devices").glob("*.key"):
+        if stale.stem not in coordinator:
+            stale.unlink()
+    (out / "scheme").write_text(scheme + "\n", encoding="utf-8")
     path = out / "coordinator.keys"
     write_device_keys(path, coordinator, secret=not public,
                       comment=f"{scheme} {'public ' if public else ''}keys of every device, for the coordinator")

@@ -12,6 +12,7 @@ forgery: once the control has arrived, the forgery would have too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,8 +61,8 @@ class Setup:
         return str(self.dir / "ca.pem")
 
 
-@pytest.fixture
-def secured() -> Iterator[Setup]:
+@contextlib.contextmanager
+def rendered_broker(*extra: str) -> Iterator[Setup]:
     """`fedsync broker-config mosquitto` rendered into a temp dir, run by mosquitto on 127.0.0.1."""
     # Not tmp_path: mosquitto drops root to the `mosquitto` user, which must reach the files,
     # and pytest's base temp dir is 0700.
@@ -71,7 +72,8 @@ def secured() -> Iterator[Setup]:
         devices = out.parent / f"{out.name}.devices.txt"
         devices.write_text("# the federation\n" + "\n".join(DEVICES) + "\n")
         assert render_main(["mosquitto", "--devices", str(devices), "--out", str(out), "--bind", "127.0.0.1",
-                            "--port", str(free_port()), "--host", "broker.test", "--shards-per-update", "4"]) == 0
+                            "--port", str(free_port()), "--host", "broker.test", "--shards-per-update", "4",
+                            *extra]) == 0
         devices.unlink()
         users = {p.stem: p.read_text().strip() for p in (out / "secrets").glob("*.pw")}
         broker = BrokerProcess.from_config_dir(out)
@@ -83,11 +85,17 @@ def secured() -> Iterator[Setup]:
         shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.fixture
+def secured() -> Iterator[Setup]:
+    with rendered_broker() as setup:
+        yield setup
+
+
 class Client:
     """A plain paho client (TLS when ``ca`` is given) recording what it receives."""
 
     def __init__(self, port: int, user: str | None, password: str | None, *, ca: str | None = None,
-                 client_id: str = "", subscribe: tuple[str, ...] = ()) -> None:
+                 client_id: str = "", subscribe: tuple[str, ...] = (), cert: Path | None = None) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self.suback: list[int] = []
         self.lock = threading.Lock()
@@ -98,7 +106,9 @@ class Client:
         if user is not None:
             c.username_pw_set(user, password)
         if ca is not None:
-            c.tls_set(ca_certs=ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_set(ca_certs=ca, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                      certfile=str(cert.with_suffix(".pem")) if cert else None,
+                      keyfile=str(cert.with_suffix(".key")) if cert else None)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
@@ -360,6 +370,28 @@ def test_a_device_cannot_publish_a_manifest_model_receipt_or_coordinator_status(
 
 @needs_mosquitto
 @pytest.mark.broker
+def test_with_client_certificates_the_identity_comes_from_the_certificate():
+    with rendered_broker("--client-certs") as s:
+        port, ca, clients = s.broker.port, s.ca, s.dir / "clients"
+        coordinator = Client(port, None, None, ca=ca, cert=clients / "coordinator", subscribe=(TOPICS.up_filter,))
+        # dev-0's certificate, but claiming user, password and client id of dev-1: the broker
+        # takes the user (and so the client id and ACL) from the certificate's CN.
+        device = Client(port, "dev-1", "anything", ca=ca, client_id="dev-1", cert=clients / "dev-0")
+        assert not device.rc.is_failure
+        device.publish(TOPICS.up("dev-1", 1, "u", 0), b"as dev-1")
+        device.publish(TOPICS.up("dev-0", 1, "u", 0), b"as dev-0")
+        wait_until(lambda: coordinator.seen(), 10, "dev-0's own shard")
+        time.sleep(0.2)
+        assert coordinator.seen() == [(TOPICS.up("dev-0", 1, "u", 0), b"as dev-0")]
+        device.close()
+        coordinator.close()
+        # A password alone no longer opens the TLS listener.
+        with pytest.raises((ConnectionError, OSError)):
+            raw_connack(port, ca, "dev-0", "dev-0", s.users["dev-0"])
+
+
+@needs_mosquitto
+@pytest.mark.broker
 @pytest.mark.xfail(strict=True, reason="fedsync/mqtt.py: MqttLink.publish() lets paho write the TLS socket "
                    "from the caller's thread, racing the link thread's reads (bad record mac); fix: "
                    "client.on_socket_register_write = no-op in MqttLink.__init__, then drop this marker")
@@ -528,6 +560,17 @@ def test_rerendering_keeps_passwords_and_the_ca_rotates_on_request_and_drops_rem
     assert second["dev-0.pw"] == first["dev-0.pw"] and (out / "ca.pem").read_bytes() == ca
     _render(tmp_path, "--rotate-passwords", devices=("dev-0", "dev-2"))
     assert (out / "secrets" / "dev-0.pw").read_text() != first["dev-0.pw"]
+
+
+def test_render_makes_signing_keys_on_request(tmp_path):
+    from fedsync.signing import Ed25519Signer, Ed25519Verifier, load_device_keys, signing_message
+
+    out = _render(tmp_path, "--signing", "ed25519")
+    verifier = Ed25519Verifier(load_device_keys(out / "signing" / "coordinator.keys", secret=False))
+    own = load_device_keys(out / "signing" / "devices" / "dev-1.key")
+    msg = signing_message("demo", "dev-1", 1, "u1", bytes(16), 5)
+    assert verifier.verify("dev-1", msg, Ed25519Signer(own["dev-1"]).sign(msg))
+    assert not verifier.verify("dev-0", msg, Ed25519Signer(own["dev-1"]).sign(msg))
 
 
 def test_render_with_an_existing_ca_and_client_certificates(tmp_path):

@@ -246,3 +246,18 @@ def test_generated_keys_sign_and_verify_for_every_device_and_only_for_it(tmp_pat
         assert [verifier.verify(d, msg, sig) for d in devices] == [d == device for d in devices]
     with pytest.raises(ValueError):
         generate_device_keys(tmp_path, devices, "rsa")
+
+
+def test_regenerating_keys_keeps_listed_devices_adds_new_ones_and_drops_removed_ones(tmp_path):
+    generate_device_keys(tmp_path, ["dev-0", "dev-1"], "ed25519")
+    first = load_device_keys(tmp_path / "coordinator.keys", secret=False)
+    paths = generate_device_keys(tmp_path, ["dev-0", "dev-2"], "ed25519")
+    assert [p.name for p in paths] == ["coordinator.keys", "dev-2.key"]  # dev-0 kept, dev-2 new
+    second = load_device_keys(tmp_path / "coordinator.keys", secret=False)
+    assert sorted(second) == ["dev-0", "dev-2"] and second["dev-0"] == first["dev-0"]
+    assert sorted(p.name for p in (tmp_path / "devices").iterdir()) == ["dev-0.key", "dev-2.key"]
+    with pytest.raises(ValueError, match="holds ed25519"):
+        generate_device_keys(tmp_path, ["dev-0"], "hmac-sha256")
+    generate_device_keys(tmp_path, ["dev-0"], "hmac-sha256", rotate=True)
+    assert (tmp_path / "scheme").read_text() == "hmac-sha256\n"
+    assert load_device_keys(tmp_path / "coordinator.keys")["dev-0"] != first["dev-0"]
