@@ -140,7 +140,7 @@ class MetricsServer:
         self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.host = host
         self.port = int(self._httpd.server_address[1])  # the real port when 0 was asked for
-        log_event(log, "metrics_listening", url=self.url)
+        log_event(log, "metrics_listening", logging.DEBUG, url=self.url)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,283 @@
+"""deploy/: the files an operator installs must at least parse, agree with the code, and
+(where it can run here) work.
+
+systemd units go through ``systemd-analyze verify``; shell scripts through ``bash -n``
+and shellcheck (each where installed); install.sh runs for real into a scratch root and
+the agent config it writes is loaded by the agent's own config loader; the compose files
+parse as YAML with the services and mounts they promise (no Docker engine here); and the
+mosquitto edge/root bridge from deploy/cluster carries a whole federation on loopback.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsync.config import load_config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNITS = [DEPLOY / "systemd" / "fedsync-coordinator.service", DEPLOY / "systemd" / "fedsync-agent@.service"]
+SCRIPTS = [DEPLOY / "raspberry-pi" / "install.sh", DEPLOY / "termux" / "boot-fedsync-agent.sh"]
+# systemd < 254 does not know these two (exponential restart backoff) and ignores them.
+NEWER_SYSTEMD_KEYS = ("RestartSteps", "RestartMaxDelaySec")
+
+
+def unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",))
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(path.read_text())
+    return parser
+
+
+# -- systemd ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_units_have_the_promised_restart_user_and_hardening(path):
+    u = unit(path)
+    assert set(u.sections()) == {"Unit", "Service", "Install"}
+    s = u["Service"]
+    assert s["User"] == s["Group"] == "fedsync"
+    assert s["Restart"] == "on-failure" and s["RestartSec"] and s["RestartMaxDelaySec"]
+    assert u["Unit"]["StartLimitIntervalSec"] == "0"  # never give up on a flaky link
+    assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict" and s["ProtectHome"] == "yes"
+    assert s["CapabilityBoundingSet"] == ""
+    # ProtectSystem=strict makes everything read-only: the journal/outbox dir must be a StateDirectory.
+    state = s["StateDirectory"]
+    assert f"--state-dir %S/{state}" in s["ExecStart"]
+    assert "--config /etc/fedsync/" in s["ExecStart"]
+    assert u["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_the_agent_unit_is_templated_by_device_id():
+    s = unit(UNITS[1])["Service"]
+    assert "--device-id %i" in s["ExecStart"] and "--password-file /etc/fedsync/%i.pw" in s["ExecStart"]
+    assert s["StateDirectory"] == "fedsync/agent-%i"
+
+
+def test_exec_start_flags_exist_in_the_cli():
+    from fedsync.cli import build_parser
+
+    for path in UNITS:
+        argv = unit(path)["Service"]["ExecStart"].replace("%S", "/var/lib").replace("%i", "dev-1").split()[1:]
+        args = build_parser().parse_args(argv)  # SystemExit on an unknown flag
+        assert args.command in ("coordinator", "agent")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify_finds_nothing_wrong(tmp_path):
+    # verify checks that ExecStart exists: point it at a real binary; a template needs an instance.
+    names = []
+    for path in UNITS:
+        text = path.read_text().replace("/opt/fedsync/venv/bin/fedsync", shutil.which("true") or "/bin/true")
+        name = path.name.replace("@.service", "@dev-1.service")
+        (tmp_path / name).write_text(text)
+        names.append(name)
+    result = subprocess.run(["systemd-analyze", "verify", *names], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if line.strip() and not any(f"Unknown key '{k}'" in line for k in NEWER_SYSTEMD_KEYS)]
+    assert result.returncode == 0 and problems == [], problems
+
+
+# -- shell scripts ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(path):
+    assert path.stat().st_mode & 0o111, f"{path} is not executable"
+    assert path.read_text().startswith("#!")
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_pass_shellcheck(path):
+    result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def run_install(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS[0]), "--root", str(root), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_install_sh_writes_a_config_the_agent_loads_and_reruns_change_nothing(tmp_path):
+    from device_agent.config import AgentConfig
+
+    (tmp_path / "pw").write_text("s3cret\nignored second line\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    root = tmp_path / "root"
+    args = ["--broker", "mqtts://broker.lan:8883", "--device-id", "pi-kitchen", "--data-index", "3",
+            "--password-file", str(tmp_path / "pw"), "--ca-file", str(tmp_path / "ca.pem"), "--federation", "farm"]
+    first = run_install(root, *args)
+    assert first.returncode == 0, first.stderr
+    etc = root / "etc" / "fedsync"
+    assert (etc / "pi-kitchen.pw").read_text() == "s3cret\n"
+    assert (etc / "pi-kitchen.pw").stat().st_mode & 0o777 == 0o640
+    assert (etc / "agent.toml").stat().st_mode & 0o777 == 0o640
+    assert (root / "etc/systemd/system/fedsync-agent@.service").read_text() == UNITS[1].read_text()
+    # What the unit runs: the shared file plus the instance's flags, through the agent's own loader.
+    cfg = load_config(AgentConfig, etc / "agent.toml", {"agent.device_id": "pi-kitchen",
+                                                         "broker.password_file": str(etc / "pi-kitchen.pw")})
+    assert (cfg.broker.url, cfg.broker.ca_file, cfg.federation.name, cfg.data.index) == (
+        "mqtts://broker.lan:8883", "/etc/fedsync/ca.pem", "farm", 3)
+
+    again = run_install(root, *args)
+    assert again.returncode == 0 and "wrote" not in again.stdout  # idempotent: nothing rewritten
+
+    moved = run_install(root, *[a if a != "mqtts://broker.lan:8883" else "mqtts://broker2.lan:8883" for a in args])
+    assert moved.stdout.count("wrote") == 1 and "agent.toml" in moved.stdout
+
+
+@pytest.mark.parametrize("bad, complaint", [
+    (["--device-id", "pi kitchen"], "must match"),
+    (["--device-id", "coordinator"], "reserved"),
+    (["--broker", "http://x:1"], "mqtt(s)://"),
+    (["--device-id", "pi-kitchen"], "--data-index is required"),
+    (["--frobnicate"], "unknown argument"),
+])
+def test_install_sh_refuses_bad_arguments_before_touching_anything(tmp_path, bad, complaint):
+    (tmp_path / "pw").write_text("pw\n")
+    base = {"--broker": "mqtt://broker.lan:1883", "--device-id": "pi-07", "--password-file": str(tmp_path / "pw")}
+    args = [x for k, v in base.items() for x in (k, v)] + bad
+    result = run_install(tmp_path / "root", *args)
+    assert result.returncode == 2 and complaint in result.stderr
+    assert not (tmp_path / "root").exists()
+
+
+# -- compose -----------------------------------------------------------------------------------------
+
+def test_compose_file_has_mosquitto_and_a_coordinator_with_a_valid_config():
+    yaml = pytest.importorskip("yaml")
+    from coordinator.config import CoordinatorConfig
+    from fedsync.cli import build_parser
+
+    doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = doc["services"]
+    assert {"mosquitto", "coordinator"} <= set(services)
+    assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    dockerfile = DEPLOY / "compose" / services["coordinator"]["build"]["dockerfile"]
+    assert re.search(r"^FROM python:3\.1[1-9]", dockerfile.read_text(), re.M)
+    build_parser().parse_args(services["coordinator"]["command"])  # flags the CLI knows
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in services["coordinator"]["volumes"]}
+    cfg = load_config(CoordinatorConfig, DEPLOY / mounts["/etc/fedsync/coordinator.toml"])
+    # The config names files exactly where compose mounts them.
+    assert {cfg.broker.password_file, cfg.broker.ca_file} <= set(mounts)
+    assert cfg.broker.url.startswith("mqtts://mosquitto:")
+    assert services["coordinator"]["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+    for m in [*services["mosquitto"]["volumes"], *services["coordinator"]["volumes"]]:
+        source = m.split(":")[0]
+        if source.startswith("./compose/"):
+            assert (DEPLOY / source).exists(), source  # files we ship; ./broker/ is rendered by the operator
+
+
+def test_emqx_cluster_example_has_three_nodes_with_the_same_seeds_and_config():
+    yaml = pytest.importorskip("yaml")
+    here = DEPLOY / "cluster" / "emqx"
+    doc = yaml.safe_load((here / "compose.yaml").read_text())
+    nodes = {k: v for k, v in doc["services"].items() if k.startswith("emqx")}
+    assert len(nodes) == 3
+    names = {v["environment"]["EMQX_NODE__NAME"] for v in nodes.values()}
+    conf = (here / "emqx.conf").read_text()
+    seeds = set(re.findall(r'"(emqx@[^"]+)"', conf.split("static.seeds", 1)[1].split("\n", 1)[0]))
+    assert names == seeds and len(names) == 3
+    for v in nodes.values():
+        for m in v["volumes"]:
+            assert (here / m.split(":")[0]).exists() or m.startswith(("./users.csv", "./certs")), m
+    assert conf.count("{") == conf.count("}")
+    assert "hash_clientid" in conf and 'max_packet_size = "8MB"' in conf
+    acl = (here / "acl.conf").read_text()
+    rules = [line for line in acl.splitlines() if line.strip() and not line.startswith("%%")]
+    assert all(r.startswith("{") and r.endswith("}.") for r in rules), rules
+    assert rules[-1] == "{deny, all}."
+
+
+# -- the edge/root bridge, for real ---------------------------------------------------------------------
+
+def bridge_edge_config(port: int, root_port: int, password: str, workdir: Path) -> str:
+    """deploy/cluster/mosquitto-bridge/edge.conf's bridge section, on loopback without TLS."""
+    text = (DEPLOY / "cluster" / "mosquitto-bridge" / "edge.conf").read_text()
+    bridge = text.split("# --- bridge to the root broker ---", 1)[1]
+    bridge = re.sub(r"^address .*$", f"address 127.0.0.1:{root_port}", bridge, flags=re.M)
+    bridge = re.sub(r"^remote_password .*$", f"remote_password {password}", bridge, flags=re.M)
+    bridge = re.sub(r"^bridge_(cafile|insecure) .*\n", "", bridge, flags=re.M)
+    return (f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {workdir}/passwd\n"
+            f"acl_file {workdir}/acl\npersistence true\npersistence_location {workdir}/data/\n"
+            f"max_packet_size 8388608\nmax_queued_messages 100000\nlog_dest stderr\nuser root\n{bridge}")
+
+
+@pytest.mark.broker
+def test_a_federation_runs_across_an_edge_to_root_bridge():
+    """Coordinator on the root, 3 devices on the edge, both ACLs enforced: 2 rounds commit, a
+    device killed at the edge is offline at the root, and the edge holds the retained manifest."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from broker_config.acl import mosquitto_acl
+    from broker_config.process import BrokerProcess, free_port, mosquitto_available, write_mosquitto_password_file
+    from coordinator.core import RoundPolicy
+    from coordinator.federation import LocalFederation
+    from fedsync.messages import RoundManifest, decode
+
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not installed")
+    devices = ["dev-0", "dev-1", "dev-2"]
+    users = {"coordinator": "coordinator-pw", "edge-farm1": "edge-pw", **{d: f"{d}-pw" for d in devices}}
+    work = Path(tempfile.mkdtemp(prefix="fedsync-bridge-"))  # not tmp_path: mosquitto must traverse it
+    root = edge = fed = None
+    try:
+        (work / "root.acl").write_text(mosquitto_acl("farm", []) + "\n"
+                                       + (DEPLOY / "cluster/mosquitto-bridge/root-acl.conf").read_text())
+        root = BrokerProcess("mosquitto", users={u: users[u] for u in ("coordinator", "edge-farm1")},
+                             acl_file=str(work / "root.acl"))
+        root.start()
+        edge_dir = work / "edge"
+        (edge_dir / "data").mkdir(parents=True)
+        write_mosquitto_password_file(edge_dir / "passwd", {d: users[d] for d in devices})
+        (edge_dir / "acl").write_text(mosquitto_acl("farm", devices))
+        (edge_dir / "mosquitto.conf").write_text(bridge_edge_config(free_port(), root.port, users["edge-farm1"],
+                                                                    edge_dir))
+        edge = BrokerProcess.from_config_dir(edge_dir)
+        edge.start()
+
+        fed = LocalFederation(edge.url, users, n_devices=3, seed=1, federation="farm", coordinator_url=root.url,
+                              policy=RoundPolicy(rounds=2, target=3, quorum=2, min_devices=3, round_timeout=60.0))
+        fed.start()
+        assert fed.wait(60), "rounds did not commit across the bridge"
+        stats = fed.coordinator.core.stats
+        fed.kill_device("dev-2")  # socket dropped at the edge: the edge fires the will
+        deadline = time.monotonic() + 15
+        while stats.devices_offline_detected < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = (stats.rounds_committed, stats.updates_accepted, stats.shards_rejected, stats.devices_offline_detected)
+
+        got: list[tuple[bool, bytes]] = []
+        arrived = threading.Event()
+        late = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1-late", clean_session=True)
+        late.username_pw_set("dev-1", users["dev-1"])
+        late.on_connect = lambda c, u, f, rc, p: c.subscribe(fed.topics.manifest, 1)
+        late.on_message = lambda c, u, m: (got.append((m.retain, bytes(m.payload))), arrived.set())
+        late.connect(edge.host, edge.port, 15)
+        late.loop_start()
+        arrived.wait(10)
+        late.loop_stop()
+        late.disconnect()
+    finally:
+        if fed is not None:
+            fed.stop()
+        for broker in (edge, root):
+            if broker is not None:
+                broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    assert seen == (2, 6, 0, 1)  # committed, accepted, rejected, offline (dev-2's will, via the bridge)
+    assert got, "the edge holds no retained manifest"
+    retained, payload = got[0]
+    assert retained and decode(payload, RoundManifest).state == "finished"
