@@ -308,6 +308,82 @@ def broker_trial(conn, sub: RawSubscriber, shard_kib: int, codec: str, messages:
     return Trial("broker", shard_kib, codec, nbytes, sub.last - t0, cpu_seconds=cpu)
 
 
+# -- where the coordinator's CPU goes (no broker) --------------------------------------------------
+
+def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, seed: int) -> list[tuple[str, float]]:
+    """Thread CPU seconds per GiB of payload for each stage of the core's ingest path, and the whole.
+
+    Thread CPU time, not wall time, so load from other processes inflates it less. Each stage is the
+    best of 3 runs over the same agent-encoded payloads the MQTT trials send.
+    """
+    import cbor2
+    import numpy as np
+
+    from coordinator.aggregate import FedAvg
+    from coordinator.core import CoordinatorCore, RoundPolicy
+    from device_agent.agent import AgentCore
+    from fedsync.codecs import get_codec
+    from fedsync.messages import PeerStatus, UpdateShard, decode, encode
+    from fedsync.params import digest
+    from fedsync.topics import Topics
+
+    topics = Topics(FEDERATION)
+    names = [f"dev-{i}" for i in range(devices)]
+
+    def fresh_core() -> CoordinatorCore:
+        policy = RoundPolicy(rounds=1, target=devices, quorum=devices, min_devices=devices,
+                             shard_values=shard_values, update_codec=codec)
+        core = CoordinatorCore(topics, {"w": np.zeros(num_params, np.float32)}, policy, hyper={},
+                               incarnation=1, seed=0)
+        core.start(0.0)
+        for d in names:
+            core.on_message(topics.status(d), encode(PeerStatus(d, "online")), 1.0)
+        return core
+
+    manifest = fresh_core().round.manifest
+    rng = np.random.default_rng(seed)
+    per_device = []
+    for d in names:
+        up = AgentCore(d, topics, random.Random(f"{seed}:{d}"))._encode(
+            manifest, rng.standard_normal(num_params, dtype=np.float32) * np.float32(1e-3), 100, {"train_loss": 1.0})
+        per_device.append(list(zip(up.topics, up.payloads)))
+    messages = [m for group in zip(*per_device) for m in group]  # interleaved, as the broker delivers them
+    gib = sum(len(p) for _, p in messages) / 2**30
+    shards = [decode(p, UpdateShard) for _, p in messages]
+    c = get_codec(codec)
+    zero = np.zeros(num_params, np.float32)
+
+    def whole() -> None:
+        core = fresh_core()
+        for topic, payload in messages:
+            core.on_message(topic, payload, 2.0)
+        assert core.stats.updates_accepted == devices
+
+    def fedavg() -> None:
+        agg = FedAvg(num_params)
+        for _ in range(devices):
+            agg.add(zero, 100)
+
+    stages = [
+        ("core.on_message, whole round incl. commit", whole),
+        ("  CBOR decode + validate (messages.decode)", lambda: [decode(p, UpdateShard) for _, p in messages]),
+        ("  BLAKE2b-128 shard digest, once", lambda: [digest(x.data) for x in shards]),
+        (f"  codec decode ({codec})", lambda: [c.decode(x.data, x.length) for x in shards]),
+        ("  FedAvg.add, every update", fedavg),
+        ("MqttLink: bytes(msg.payload) copy", lambda: [bytes(memoryview(p)) for _, p in messages]),
+        ("journal record encode (cbor2.dumps)", lambda: [cbor2.dumps([t, p]) for t, p in messages]),
+    ]
+    out = []
+    for name, fn in stages:
+        best = float("inf")
+        for _ in range(3):
+            t = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - t)
+        out.append((name, best / gib))
+    return out
+
+
 # -- driver ------------------------------------------------------------------------------------------
 
 def run(args) -> list[Trial]:
@@ -397,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codecs", nargs="+", default=None, help="update codecs (default raw zstd; quick raw)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-stage CPU table (in-process, no broker)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     args.update_mib = args.update_mib or (8 if args.quick else 32)
@@ -405,6 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     print(environment(), file=sys.stderr)
     trials = run(args)
     result = report(trials, args)
+    if args.breakdown:
+        rows = []
+        for kib in args.shard_kib:
+            for codec in args.codecs:
+                for name, cpu in cpu_breakdown(args.devices, args.update_mib * MIB // 4 // 4, kib * 256, codec,
+                                               args.seed):
+                    rows.append([f"{codec} {kib} KiB", name, f"{cpu:.2f}", f"{1024 / cpu:.0f}"])
+                    result.setdefault("breakdown", {})[f"{codec}/{kib}KiB/{name.strip()}"] = round(cpu, 3)
+        print_table("Where the coordinator's CPU goes (no broker; thread CPU s per GiB of payload, best of 3)",
+                    ["payloads", "stage", "CPU s/GiB", "MiB/s per core"], rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=1))
     return 0
