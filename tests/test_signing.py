@@ -108,7 +108,7 @@ def test_tampered_signature_wrong_device_and_unknown_device_are_refused():
         assert not verifier.verify("dev-0", bad, sig)  # type: ignore[arg-type]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(sig=st.binary(max_size=80), device=st.text(max_size=10))
 def test_verify_never_raises_on_garbage(sig, device):
     msg = signing_message(*FIELDS)
@@ -119,7 +119,7 @@ _name = st.text(alphabet="ab-", min_size=1, max_size=4)
 _fields = st.tuples(_name, _name, st.integers(0, 3), _name, st.binary(min_size=1, max_size=3), st.integers(0, 3))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(a=_fields, b=_fields)
 def test_signing_message_is_injective(a, b):
     assert (signing_message(*a) == signing_message(*b)) == (a == b)
