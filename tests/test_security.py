@@ -67,14 +67,13 @@ def rendered_broker(*extra: str) -> Iterator[Setup]:
     # Not tmp_path: mosquitto drops root to the `mosquitto` user, which must reach the files,
     # and pytest's base temp dir is 0700.
     out = Path(tempfile.mkdtemp(prefix="fedsync-secured-"))
+    devices = out.parent / f"{out.name}.devices.txt"
     broker = None
     try:
-        devices = out.parent / f"{out.name}.devices.txt"
         devices.write_text("# the federation\n" + "\n".join(DEVICES) + "\n")
         assert render_main(["mosquitto", "--devices", str(devices), "--out", str(out), "--bind", "127.0.0.1",
                             "--port", str(free_port()), "--host", "broker.test", "--shards-per-update", "4",
                             *extra]) == 0
-        devices.unlink()
         users = {p.stem: p.read_text().strip() for p in (out / "secrets").glob("*.pw")}
         broker = BrokerProcess.from_config_dir(out)
         broker.start()
@@ -82,6 +81,7 @@ def rendered_broker(*extra: str) -> Iterator[Setup]:
     finally:
         if broker is not None:
             broker.stop()
+        devices.unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
 
 
