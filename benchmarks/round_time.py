@@ -342,6 +342,7 @@ def run_fedsync(clients: int, params: int, codec: str, rounds: int, seed: int = 
             if len(res.round_seconds) < rounds:
                 raise RuntimeError(f"fedsync: only {len(res.round_seconds)} of {rounds} rounds committed")
         finally:
+            failures = swarm.failures
             swarm.stop()
             stop.set()
             stats = None
@@ -363,7 +364,7 @@ def run_fedsync(clients: int, params: int, codec: str, rounds: int, seed: int = 
     res.bytes_down = (marks[-1][1] - marks[0][1]) / measured
     if stats:
         res.note = (f"accepted {stats['updates_accepted']}, duplicates {stats['duplicates_dropped']}, "
-                    f"rejected {stats['shards_rejected']}")
+                    f"rejected {stats['shards_rejected']}" + (f", swarm step failures {failures}" if failures else ""))
     return res
 
 
