@@ -98,9 +98,14 @@ class Sampler:
 
     def latest(self) -> tuple[int, int, float]:
         """(peak RSS since the last take, VmHWM, CPU seconds): the window closes now."""
+        try:  # fresh values while the process lives; the last sampled ones after it exited
+            t = self.proc.cpu_times()
+            hwm, cpu = vm_hwm(self.proc.pid), t.user + t.system
+        except Exception:  # noqa: BLE001
+            hwm, cpu = self.last_hwm, self.last_cpu
         with self.lock:
             peak, self.peak = self.peak, 0
-            return peak, self.last_hwm, self.last_cpu
+            return peak, max(hwm, self.last_hwm), max(cpu, self.last_cpu)
 
     def close(self) -> None:
         self.stop_evt.set()
@@ -235,7 +240,8 @@ def run(args) -> dict:
         except subprocess.TimeoutExpired:
             pass
         stats = core.stats
-        result = {"bytes_in_per_round": stats.bytes_in / args.rounds, "updates": stats.updates_accepted}
+        result = {"bytes_in_per_round": stats.bytes_in / args.rounds, "updates": stats.updates_accepted,
+                  "bytes_out_per_round": stats.bytes_out / (args.rounds + 1)}  # model v0 .. vR published
     finally:
         sampler.close()
         if agent.poll() is None:
@@ -279,12 +285,14 @@ def report(res: dict, args) -> dict:
                 table)
     print(f"peak RSS {peak / MB:.1f} MB = {peak / raw:.1f}x the raw fp32 model; goal <= {GOAL_MB:.0f} MB: "
           f"{'met' if peak / MB <= GOAL_MB else 'NOT met'} ({peak / MB / GOAL_MB:.2f} of the goal); "
-          f"median CPU {cpu:.2f} s per round; update bytes per round {res['bytes_in_per_round'] / MB:.2f} MB; "
+          f"median CPU {cpu:.2f} s per round; per round {res['bytes_in_per_round'] / MB:.2f} MB up (update), "
+          f"{res['bytes_out_per_round'] / MB:.2f} MB published by the coordinator (model, manifest, receipts); "
           f"agent exit status {res['agent_exit']}")
     if res["trace"]:
         print(res["trace"])
     return {"peak_rss_mb": round(peak / MB, 1), "ratio_vs_model": round(peak / raw, 2),
-            "median_cpu_s": round(cpu, 3), "rows": res["rows"], "update_mb_per_round": res["bytes_in_per_round"] / MB}
+            "median_cpu_s": round(cpu, 3), "rows": res["rows"], "update_mb_per_round": res["bytes_in_per_round"] / MB,
+            "published_mb_per_round": res["bytes_out_per_round"] / MB}
 
 
 # -- the traced agent (child of --tracemalloc) -----------------------------------------------------------

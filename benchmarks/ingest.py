@@ -353,8 +353,10 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
     c = get_codec(codec)
     zero = np.zeros(num_params, np.float32)
 
+    cores = [fresh_core() for _ in range(3)]  # built outside the clock: start-up publishes the model
+
     def whole() -> None:
-        core = fresh_core()
+        core = cores.pop()
         for topic, payload in messages:
             core.on_message(topic, payload, 2.0)
         assert core.stats.updates_accepted == devices
@@ -367,7 +369,7 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
     stages = [
         ("core.on_message, whole round incl. commit", whole),
         ("  CBOR decode + validate (messages.decode)", lambda: [decode(p, UpdateShard) for _, p in messages]),
-        ("  BLAKE2b-128 shard digest, once", lambda: [digest(x.data) for x in shards]),
+        ("  BLAKE2b-128 shard digest (x1; the core hashes each shard twice)", lambda: [digest(x.data) for x in shards]),
         (f"  codec decode ({codec})", lambda: [c.decode(x.data, x.length) for x in shards]),
         ("  FedAvg.add, every update", fedavg),
         ("MqttLink: bytes(msg.payload) copy", lambda: [bytes(memoryview(p)) for _, p in messages]),

@@ -10,7 +10,6 @@ mosquitto edge/root bridge from deploy/cluster carries a whole federation on loo
 
 from __future__ import annotations
 
-import configparser
 import re
 import shutil
 import subprocess
@@ -30,11 +29,25 @@ SCRIPTS = [DEPLOY / "raspberry-pi" / "install.sh", DEPLOY / "termux" / "boot-fed
 NEWER_SYSTEMD_KEYS = ("RestartSteps", "RestartMaxDelaySec")
 
 
-def unit(path: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",))
-    parser.optionxform = str  # systemd keys are case-sensitive
-    parser.read_string(path.read_text())
-    return parser
+def unit(path: Path) -> dict[str, dict[str, str]]:
+    """Parse a unit file as systemd does: sections, ``Key=value`` lines, keys case-sensitive,
+    a repeated key (Environment=) accumulating; anything else is an error. The last value wins
+    in the returned mapping, the full list is under ``key + "[]"``."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            assert line.endswith("]") and line[1:-1] not in sections, f"{path.name}:{n}: bad or repeated section"
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"{path.name}:{n}: not Key=value in a section: {line!r}"
+        key, _, value = line.partition("=")
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key), f"{path.name}:{n}: bad key {key!r}"
+        current[key] = value
+        current[key + "[]"] = current.get(key + "[]", "") + value + "\n"
+    return sections
 
 
 # -- systemd ------------------------------------------------------------------------------------
@@ -42,7 +55,7 @@ def unit(path: Path) -> configparser.ConfigParser:
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
 def test_units_have_the_promised_restart_user_and_hardening(path):
     u = unit(path)
-    assert set(u.sections()) == {"Unit", "Service", "Install"}
+    assert set(u) == {"Unit", "Service", "Install"}
     s = u["Service"]
     assert s["User"] == s["Group"] == "fedsync"
     assert s["Restart"] == "on-failure" and s["RestartSec"] and s["RestartMaxDelaySec"]
