@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -170,3 +171,48 @@ def test_a_real_federation_is_scraped_with_exact_counts(broker_users):
     assert m2[("fedsync_shards_rejected_total", (("reason", "cbor"),))] == 1
     assert m2[("fedsync_bytes_total", (("direction", "in"),))] == m[("fedsync_bytes_total", (("direction", "in"),))] + 1
     assert m2[("fedsync_updates_accepted_total", ())] == 6
+
+
+@pytest.mark.broker
+def test_the_cli_serves_metrics_with_metrics_port(tmp_path, broker_users):
+    """`fedsync coordinator --metrics-port` (the wiring in fedsync/cli.py) serves the same endpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from broker_config.process import free_port
+
+    broker = BrokerProcess("amqtt", users=broker_users)
+    broker.start()
+    (tmp_path / "coordinator.pw").write_text(broker_users["coordinator"] + "\n")
+    port = free_port()
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsync.cli", "coordinator", "--broker", broker.url, "--password-file",
+         str(tmp_path / "coordinator.pw"), "--federation", "clitest", "--rounds", "1", "--min-devices", "2",
+         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(port)],
+        env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        m: dict = {}
+
+        def scraped() -> bool:
+            try:
+                m.update(scrape(f"http://127.0.0.1:{port}/metrics"))
+            except OSError:
+                return False
+            return m.get(("fedsync_broker_connected", ())) == 1
+
+        wait_until(scraped, 30, "the CLI's metrics endpoint with a broker connection")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        broker.stop()
+    assert proc.returncode == 0, err
+    assert "metrics_serving" in err and "coordinator_stop" in err
+    assert m[("fedsync_round_open", ())] == 0 and m[("fedsync_devices_online", ())] == 0
+    assert any(k[0] == "fedsync_coordinator_info" and ("federation", "clitest") in k[1] for k in m)
+    assert "metrics_hook_rechained" not in err  # serve_metrics runs after the CLI sets on_event
