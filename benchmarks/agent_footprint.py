@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,10 +258,8 @@ def run(args) -> dict:
         if service is not None:
             service.stop()
         broker.stop()
-    trace = (work / "trace.txt").read_text() if (work / "trace.txt").exists() else ""
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
+        trace = (work / "trace.txt").read_text() if (work / "trace.txt").exists() else ""
+        shutil.rmtree(work, ignore_errors=True)
     if agent.returncode not in (0, None):
         print(output[-3000:], file=sys.stderr)
     return {"rows": rows, "num_params": num_params, "wall": wall, "agent_exit": agent.returncode,
