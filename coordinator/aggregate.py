@@ -50,14 +50,18 @@ class FedAvg:
     def __init__(self, num_params: int, weighted: bool = True, server_lr: float = 1.0) -> None:
         self._sum = np.zeros(num_params, dtype=np.float64)
         self._weight = 0.0
+        self._scratch: np.ndarray | None = None
         self.weighted = weighted
         self.server_lr = server_lr
         self.count = 0
 
-    def add(self, delta: np.ndarray, num_samples: int) -> None:
+    def add(self, delta: np.ndarray, num_samples: float) -> None:
         w = float(num_samples) if self.weighted else 1.0
-        # In place: no temporary of model size per update beyond the float64 cast.
-        self._sum += w * delta.astype(np.float64, copy=False)
+        # One preallocated float64 scratch: no model-sized temporaries per update.
+        if self._scratch is None:
+            self._scratch = np.empty_like(self._sum)
+        np.multiply(delta, w, out=self._scratch, casting="unsafe")
+        self._sum += self._scratch
         self._weight += w
         self.count += 1
 

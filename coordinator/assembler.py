@@ -129,13 +129,16 @@ class ShardAssembler:
         op = self._open.get((device, update_id))
         return bitmap(op.shards if op else (), self.layout.shard_count)
 
-    def add(self, shard: UpdateShard) -> ShardOutcome:
-        """Feed one decoded shard; see the module docstring for the rules."""
+    def add(self, shard: UpdateShard, digest_checked: bool = False) -> ShardOutcome:
+        """Feed one decoded shard; see the module docstring for the rules.
+
+        ``digest_checked=True``: the caller already verified ``shard.digest`` (the
+        coordinator does, before its stale-round path), so it is not hashed twice."""
         try:
             self._check_layout(shard)
         except ProtocolError as err:
             return ShardOutcome("rejected", shard.device, shard.update_id, reason=err.reason)
-        if digest(shard.data) != shard.digest:
+        if not digest_checked and digest(shard.data) != shard.digest:
             return ShardOutcome("rejected", shard.device, shard.update_id, reason="digest",
                                 held=self.held(shard.device, shard.update_id))
         if shard.device in self._refused:

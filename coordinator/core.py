@@ -242,7 +242,8 @@ class CoordinatorCore:
     def on_message(self, topic: str, payload: bytes, now: float) -> list:
         """Feed one broker message. Bad input is counted and dropped, never raised."""
         try:
-            if topic.startswith(self.topics.root + "/up/"):
+            if topic.startswith(self.topics.root + "/up/") or topic == self.topics.root + "/up":
+                # "up/#" also matches the bare "up" level (MQTT 3.1.1 §4.7.1.2): parse_up rejects it.
                 out = self._on_update(topic, payload, now)
             elif topic.startswith(self.topics.root + "/status/"):
                 out = self._on_status(topic, payload, now)
@@ -282,7 +283,7 @@ class CoordinatorCore:
                     self._ack_publish(ack)]
         if shard.device not in r.selected:
             raise ProtocolError("device", "not_selected", f"{shard.device} is not selected for round {shard.round_id}")
-        outcome = r.assembler.add(shard)
+        outcome = r.assembler.add(shard, digest_checked=True)
         return self._after_shard(r, shard, outcome, now)
 
     def _after_shard(self, r: _Round, shard: UpdateShard, o: ShardOutcome, now: float) -> list:

@@ -126,6 +126,10 @@ class MqttLink:
         if will is not None:
             c.will_set(*will)
         c.max_inflight_messages_set(max_inflight)
+        # paho writes to the socket from whichever thread calls publish()/ack() unless a socket
+        # write callback is registered; with TLS that races the link thread's reads and corrupts
+        # records ("bad record mac"). Registering one makes paho leave all writes to loop().
+        c.on_socket_register_write = lambda client, userdata, sock: None
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message

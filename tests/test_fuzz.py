@@ -230,7 +230,7 @@ class Mutator:
             parts[6] = self.rng.choice(["0", "4", "65536", "-0", "1e3", ""])
         elif choice == 3:
             parts.append(self.rng.choice(["", "x", "0"]))
-        elif choice == 4:  # fewer levels (the bare `up` level: see the xfail test below)
+        elif choice == 4:  # fewer levels (the bare `up` level is rejected as a format error)
             parts = parts[:self.rng.randrange(4, len(parts))]
         else:
             parts[5] = self.rng.choice(["", "u" * 65, "u/x", "other"])
@@ -356,10 +356,6 @@ def test_every_field_replaced_by_every_hostile_value_is_counted():
     assert shards_accepted == 1 and duplicates == sent - rejected - 1, dict(core.stats.rejected_by_reason)
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/core.py: on_message routes only topics under "
-                   "'fedsync/{fed}/up/' to the decoder, but the coordinator's 'up/#' subscription also "
-                   "delivers the bare 'fedsync/{fed}/up' (MQTT 3.1.1 §4.7.1.2), which is then dropped "
-                   "uncounted; fix: route topic == root + '/up' too (parse_up rejects it as 'format')")
 def test_a_payload_on_the_bare_up_level_is_counted():
     core, m = open_round()
     (_, payload), *_ = genuine_update(m, "dev-1", "u1", np.zeros(m.num_params, np.float32))

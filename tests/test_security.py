@@ -209,24 +209,7 @@ def federation(s: Setup, n: int = 4, **kw) -> LocalFederation:
     policy = kw.pop("policy", RoundPolicy(rounds=1, target=n, quorum=n, min_devices=n, round_timeout=60.0))
     users = {u: s.users[u] for u in ["coordinator", *DEVICES[:n]]}
     fed = LocalFederation(s.broker.url, users, n_devices=n, seed=3, policy=policy, ca_file=s.ca, **kw)
-    _writes_on_link_threads_only(fed)
     return fed
-
-
-def _writes_on_link_threads_only(fed: LocalFederation) -> None:
-    """Work around the TLS race pinned by test_mqtt_link_writes_its_tls_socket_only_from_its_own_thread.
-
-    paho writes a publish straight to the socket from the *caller's* thread unless the
-    client runs paho's own thread or has a socket-write hook; MqttLink has neither, so a
-    dispatcher thread's SSL_write races the link thread's SSL_read and the broker sees
-    "decryption failed or bad record mac" (reconnects, redelivered shards: the exact
-    counts below would flake). A no-op hook makes paho leave writing to the link's loop.
-    Remove once fedsync/mqtt.py sets it (the guard keeps a real hook untouched).
-    """
-    links = [fed.coordinator.link] + [d.link for h in fed.host_list for d in h.devices.values()]
-    for link in links:
-        if link.client.on_socket_register_write is None:
-            link.client.on_socket_register_write = lambda client, userdata, sock: None
 
 
 # -- mosquitto, rendered config, TLS ---------------------------------------------------------
@@ -392,9 +375,6 @@ def test_with_client_certificates_the_identity_comes_from_the_certificate():
 
 @needs_mosquitto
 @pytest.mark.broker
-@pytest.mark.xfail(strict=True, reason="fedsync/mqtt.py: MqttLink.publish() lets paho write the TLS socket "
-                   "from the caller's thread, racing the link thread's reads (bad record mac); fix: "
-                   "client.on_socket_register_write = no-op in MqttLink.__init__, then drop this marker")
 def test_mqtt_link_writes_its_tls_socket_only_from_its_own_thread(secured, monkeypatch):
     from fedsync.mqtt import Credentials, MqttLink
 
