@@ -37,6 +37,7 @@ import numpy as np
 from fedsync.codecs import get_codec
 from fedsync.errors import ProtocolError
 from fedsync.messages import UpdateShard
+from fedsync.signing import signing_message
 from fedsync.params import bitmap, check_shard_layout, digest, update_digest
 
 
@@ -82,6 +83,7 @@ class _OpenUpdate:
     update_id: str
     num_samples: int
     update_digest: bytes
+    signature: bytes = b""
     shards: dict[int, UpdateShard] = field(default_factory=dict)
 
 
@@ -94,8 +96,10 @@ class ShardAssembler:
     set()
     """
 
-    def __init__(self, layout: RoundLayout) -> None:
+    def __init__(self, layout: RoundLayout, verifier=None, federation: str = "") -> None:
         self.layout = layout
+        self.verifier = verifier  # fedsync.signing verifier: every update must carry a valid signature
+        self.federation = federation
         self._codec = get_codec(layout.codec)
         self._open: dict[tuple[str, str], _OpenUpdate] = {}
         self._accepted: dict[str, str] = {}  # device -> accepted update id
@@ -150,8 +154,10 @@ class ShardAssembler:
         key = (shard.device, shard.update_id)
         op = self._open.get(key)
         if op is None:
-            op = self._open[key] = _OpenUpdate(shard.update_id, shard.num_samples, shard.update_digest)
-        elif op.update_digest != shard.update_digest or op.num_samples != shard.num_samples:
+            op = self._open[key] = _OpenUpdate(shard.update_id, shard.num_samples, shard.update_digest,
+                                               shard.signature)
+        elif (op.update_digest, op.num_samples, op.signature) != (shard.update_digest, shard.num_samples,
+                                                                  shard.signature):
             return ShardOutcome("rejected", shard.device, shard.update_id, reason="inconsistent_update",
                                 held=self.held(*key))
         if shard.index in op.shards:
@@ -161,6 +167,14 @@ class ShardAssembler:
         if len(op.shards) < self.layout.shard_count:
             return ShardOutcome("accepted", shard.device, shard.update_id, held=self.held(*key))
         return self._complete(key, op)
+
+    def _signed(self, device: str, update_id: str, op: _OpenUpdate) -> bool:
+        try:
+            msg = signing_message(self.federation, device, self.layout.round_id, update_id, op.update_digest,
+                                  op.num_samples)
+        except ValueError:
+            return False
+        return bool(op.signature) and self.verifier.verify(device, msg, op.signature)
 
     def _check_layout(self, s: UpdateShard) -> None:
         lay = self.layout
@@ -182,6 +196,9 @@ class ShardAssembler:
         ordered = [op.shards[i] for i in range(self.layout.shard_count)]
         if update_digest(s.digest for s in ordered) != op.update_digest:
             return ShardOutcome("rejected", device, update_id, reason="update_digest", held=b"")
+        if self.verifier is not None and not self._signed(device, update_id, op):
+            # Verified before the update is accepted: a forgery cannot block the device's genuine update.
+            return ShardOutcome("rejected", device, update_id, reason="signature", held=b"")
         vector = np.empty(self.layout.num_params, dtype=np.float32)
         try:
             for s in ordered:

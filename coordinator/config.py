@@ -76,6 +76,16 @@ class HardeningSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningSection:
+    """Per-device update signatures (fedsync/signing.py), for brokers the operator does not control.
+    With a keys file every update must carry a valid signature; ``fedsync broker-config --signing``
+    writes the files."""
+
+    scheme: str = "hmac-sha256"  # or "ed25519"
+    keys_file: str | None = None  # e.g. signing/coordinator.keys; None = updates need not be signed
+
+
+@dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
     broker: BrokerSection = BrokerSection()
     federation: FederationSection = FederationSection()
@@ -85,6 +95,7 @@ class CoordinatorConfig:
     strategy: StrategySection = StrategySection()
     strategy_options: dict[str, float] = field(default_factory=dict)
     hardening: HardeningSection = HardeningSection()
+    signing: SigningSection = SigningSection()
     coordinator: ServiceSection = ServiceSection()
 
 
@@ -101,3 +112,18 @@ def strategy_factory_from(cfg: CoordinatorConfig, num_params: int):
 
 
 _INT_OPTIONS = {"num_byzantine", "multi", "chunk_rows", "block_values"}
+
+
+def verifier_from(cfg: CoordinatorConfig):
+    """The signature verifier the config names, or None."""
+    if cfg.signing.keys_file is None:
+        return None
+    from fedsync.signing import Ed25519Verifier, HmacVerifier, load_device_keys
+
+    if cfg.signing.scheme == "ed25519":
+        return Ed25519Verifier(load_device_keys(cfg.signing.keys_file, secret=False))
+    if cfg.signing.scheme == "hmac-sha256":
+        return HmacVerifier(load_device_keys(cfg.signing.keys_file))
+    from fedsync.config import ConfigError
+
+    raise ConfigError(f"signing.scheme: {cfg.signing.scheme!r} is not hmac-sha256 or ed25519")

@@ -139,7 +139,7 @@ class CoordinatorCore:
     def __init__(self, topics: Topics, params: dict[str, np.ndarray], policy: RoundPolicy, *,
                  hyper: dict[str, float], incarnation: int, seed: int,
                  strategy_factory=None, first_round_id: int = 1, model_version: int = 0,
-                 screen=None) -> None:
+                 screen=None, verifier=None) -> None:
         from fedsync.params import flatten, spec_of
 
         self.topics = topics
@@ -163,6 +163,7 @@ class CoordinatorCore:
         self._past: dict[int, _Round] = {}
         # screen(vector, num_samples) -> refusal reason or None (coordinator/hardening.py)
         self.screen = screen
+        self.verifier = verifier  # fedsync.signing verifier, or None: updates need not be signed
         self._delta_from = -1  # version whose delta to the current one is published, or -1
         self._offline_since: dict[str, float] = {}
         self._started_at: float | None = None
@@ -201,7 +202,7 @@ class CoordinatorCore:
             raise ValueError("round journal does not match the checkpointed model")
         layout = RoundLayout(manifest.round_id, self.version, self.vector.size, manifest.shard_values,
                              manifest.update_codec)
-        self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
+        self.round = _Round(manifest, ShardAssembler(layout, self.verifier, self.topics.federation), self._strategy_factory(self.vector.size),
                             frozenset(manifest.selected))
         self.next_round_id = max(self.next_round_id, manifest.round_id + 1)
         self._started_at = now  # presence is unknown until the retained statuses arrive
@@ -305,7 +306,7 @@ class CoordinatorCore:
             self._reject(o.reason)
             out.append(RejectedInput(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
                                      "shard", o.reason, f"{shard.device} shard {shard.index}: {o.reason}"))
-            if o.reason in ("update_digest", "inconsistent_update") or o.reason.startswith("decode_"):
+            if o.reason in ("update_digest", "inconsistent_update", "signature") or o.reason.startswith("decode_"):
                 status = "rejected"
         elif o.kind == "complete":
             self.stats.shards_accepted += 1
@@ -388,7 +389,7 @@ class CoordinatorCore:
         target = min(p.target, k)
         manifest = self._manifest(now, "open", selected, target, min(p.quorum, target))
         layout = RoundLayout(manifest.round_id, self.version, self.vector.size, p.shard_values, p.update_codec)
-        self.round = _Round(manifest, ShardAssembler(layout), self._strategy_factory(self.vector.size),
+        self.round = _Round(manifest, ShardAssembler(layout, self.verifier, self.topics.federation), self._strategy_factory(self.vector.size),
                             frozenset(selected))
         self.next_round_id += 1
         return [RoundOpened(manifest), self._manifest_publish(manifest)]

@@ -93,6 +93,7 @@ class LocalFederation:
     byzantine: dict[str, float] = field(default_factory=dict)  # device -> scale of its malicious update
     screen: object = None  # coordinator's policy check on complete updates (coordinator/hardening.py)
     stop_at_accuracy: float | None = None  # also done once a committed model reaches this test accuracy
+    signing_keys: dict[str, bytes] | None = None  # HMAC-SHA256 key per device: devices sign, coordinator verifies
 
     data: list[DeviceData] = field(init=False)
     records: list[RoundRecord] = field(init=False, default_factory=list)
@@ -113,8 +114,15 @@ class LocalFederation:
             honest = NumpyTrainer(self.model, self.data[i])
             return ByzantineTrainer(honest, self.byzantine[d]) if d in self.byzantine else honest
 
+        def signer(d: str):
+            from fedsync.signing import HmacSigner
+
+            keys = self.signing_keys or {}
+            return HmacSigner(keys[d]) if d in keys else None
+
         self._specs = {d: DeviceSpec(d, trainer(d, i),
-                                     Credentials(d, self.users[d], self.ca_file), self.train_delays.get(d, 0.0))
+                                     Credentials(d, self.users[d], self.ca_file), self.train_delays.get(d, 0.0),
+                                     signer(d))
                        for i, d in enumerate(device_ids(self.n_devices))}
         self._index = {d: i for i, d in enumerate(device_ids(self.n_devices))}
         shared = [d for d in self._specs if d not in self.solo]
@@ -129,12 +137,18 @@ class LocalFederation:
         params = self.model.init_params(np.random.default_rng(self.seed))
         core = CoordinatorCore(self.topics, params, self.policy, hyper=self.hyper,
                                incarnation=self._incarnations.getrandbits(62) + 1, seed=self.seed,
-                               strategy_factory=self.strategy_factory, screen=self.screen)
+                               strategy_factory=self.strategy_factory, screen=self.screen,
+                               verifier=self._verifier())
         return CoordinatorService(
             core, self.coordinator_url or self.broker_url,
             credentials=Credentials("coordinator", self.users["coordinator"], self.ca_file),
             keepalive=self.keepalive, on_event=self._on_event,
             state_dir=f"{self.state_dir}/coordinator" if self.state_dir else None)
+
+    def _verifier(self):
+        from fedsync.signing import HmacVerifier
+
+        return HmacVerifier(self.signing_keys) if self.signing_keys is not None else None
 
     def _make_host(self, group: list[str]) -> AgentHost:
         host = AgentHost(self.broker_url, self.topics, [self._specs[d] for d in group], seed=self.seed,

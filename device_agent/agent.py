@@ -43,6 +43,7 @@ from fedsync.errors import ProtocolError
 from fedsync.messages import ModelShard, RoundManifest, ShardAck, UpdateShard, decode, encode
 from fedsync.params import (bitmap_indices, check_shard_layout, digest, flatten, shard_slices, unflatten,
                             update_digest, vector_digest)
+from fedsync.signing import signing_message
 from fedsync.topics import Topics
 
 
@@ -135,12 +136,13 @@ class AgentCore:
     """
 
     def __init__(self, device_id: str, topics: Topics, rng: random.Random, *,
-                 resend_after: float = 10.0, max_retries: int = 3) -> None:
+                 resend_after: float = 10.0, max_retries: int = 3, signer=None) -> None:
         self.device_id = device_id
         self.topics = topics
         self.rng = rng
         self.resend_after = resend_after
         self.max_retries = max_retries
+        self.signer = signer  # fedsync.signing.HmacSigner / Ed25519Signer, or None
         self.state = "idle"
         self.manifest: RoundManifest | None = None  # the newest manifest seen
         self.job: RoundManifest | None = None  # the manifest of the work in hand (fetch, train, upload)
@@ -329,10 +331,14 @@ class AgentCore:
         datas = [codec.encode(delta[off:off + n]) for off, n in slices]
         digests = [digest(d) for d in datas]
         whole = update_digest(digests)
+        signature = b""
+        if self.signer is not None:
+            signature = self.signer.sign(signing_message(self.topics.federation, self.device_id, m.round_id,
+                                                         update_id, whole, num_samples))
         payloads, topics = [], []
         for i, ((off, n), data, dg) in enumerate(zip(slices, datas, digests)):
             shard = UpdateShard(self.device_id, m.round_id, update_id, m.model_version, i, len(slices), off, n,
-                                m.num_params, codec.name, num_samples, dg, whole, data, metrics)
+                                m.num_params, codec.name, num_samples, dg, whole, data, metrics, signature)
             payloads.append(encode(shard))
             topics.append(self.topics.up(self.device_id, m.round_id, update_id, i))
         return _Upload(m.round_id, update_id, payloads, topics, num_samples, metrics, delta)

@@ -33,6 +33,8 @@ class AgentSection:
     seed: int = 0
     train_delay: float = 0.0  # extra seconds per local fit: simulates a slow device in labs
     state_dir: str | None = None  # persistent outbox; None = an update in flight dies with the process
+    signing_key_file: str | None = None  # this device's key (signing/devices/{id}.key); None = unsigned
+    signing_scheme: str = "hmac-sha256"  # or "ed25519" (needs the cryptography package)
     log_level: str = "info"
 
 

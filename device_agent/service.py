@@ -39,6 +39,7 @@ class DeviceSpec:
     trainer: Trainer
     credentials: Credentials = field(default_factory=Credentials)
     train_delay: float = 0.0  # extra seconds per fit, to simulate a slow phone
+    signer: object = None  # fedsync.signing signer: sign every update (optional)
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ class AgentHost:
         self.devices: dict[str, _Device] = {}
         for i, spec in enumerate(devices):
             core = AgentCore(spec.device_id, topics, random.Random(f"{seed}:{spec.device_id}"),
-                             resend_after=resend_after)
+                             resend_after=resend_after, signer=spec.signer)
             offline = encode(PeerStatus(spec.device_id, "offline"))
             link = MqttLink(spec.device_id, broker,
                             on_message=lambda t, p, _tok, d=spec.device_id: self._inbox.put(("msg", d, t, p)),

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["broker-config"], ["chaos"]):  # their own parsers, including -h
+        return cmd_broker_config_argv(argv[1:]) if argv[0] == "broker-config" else cmd_chaos_argv(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
@@ -140,6 +143,18 @@ def cmd_broker(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_config_argv(rest: list[str]) -> int:
+    from broker_config.render import main as render_main
+
+    return render_main(rest)
+
+
+def cmd_chaos_argv(rest: list[str]) -> int:
+    from fedsync.chaos import main as chaos_main
+
+    return chaos_main(rest)
+
+
 def cmd_broker_config(a: argparse.Namespace) -> int:
     from broker_config.render import main as render_main
 
@@ -152,7 +167,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from coordinator.config import CoordinatorConfig, strategy_factory_from
+    from coordinator.config import CoordinatorConfig, strategy_factory_from, verifier_from
     from coordinator.core import CoordinatorCore
     from coordinator.hardening import UpdateScreen
     from coordinator.service import CoordinatorService
@@ -173,7 +188,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     screen = UpdateScreen(cfg.hardening.max_update_norm, cfg.hardening.max_num_samples)
     core = CoordinatorCore(Topics(cfg.federation.name), params, cfg.round, hyper=cfg.train,
                            incarnation=incarnation, seed=cfg.coordinator.seed,
-                           strategy_factory=strategy_factory_from(cfg, n), screen=screen.check)
+                           strategy_factory=strategy_factory_from(cfg, n), screen=screen.check,
+                           verifier=verifier_from(cfg))
     service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
                                  client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
                                  tick_interval=cfg.coordinator.tick_interval, state_dir=cfg.coordinator.state_dir)
@@ -225,8 +241,15 @@ def cmd_agent(a: argparse.Namespace) -> int:
         raise ConfigError(f"data.index: {index} not in [0, {d.num_devices})")
     data = synthetic_federation(d.alpha, d.beta, num_devices=d.num_devices, seed=d.seed)[index]
     trainer = NumpyTrainer(build_model(d.model, data.x_train.shape[1], 10, d.hidden), data)
+    signer = None
+    if cfg.agent.signing_key_file:
+        from fedsync.signing import Ed25519Signer, HmacSigner, load_device_keys
+
+        key = load_device_keys(cfg.agent.signing_key_file)[device_id]
+        signer = Ed25519Signer(key) if cfg.agent.signing_scheme == "ed25519" else HmacSigner(key)
     host = AgentHost(cfg.broker.url, Topics(cfg.federation.name),
-                     [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id), cfg.agent.train_delay)],
+                     [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id), cfg.agent.train_delay,
+                                 signer)],
                      seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after,
                      state_dir=cfg.agent.state_dir, indices={device_id: index})
     log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, samples=data.num_train)

@@ -231,6 +231,7 @@ class UpdateShard(_Message):
     update_digest: bytes
     data: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+    signature: bytes = b""  # optional: the device's signature of the update (fedsync/signing.py)
 
     KIND: ClassVar[str] = "update"
 
@@ -340,6 +341,7 @@ UpdateShard._SPEC = {
     "update_digest": _DIGEST,
     "data": _bytes(MAX_PAYLOAD),
     "metrics": _float_map(),
+    "signature": _bytes(64),
 }
 ShardAck._SPEC = {
     "device": _ident,

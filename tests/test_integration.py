@@ -152,3 +152,16 @@ def test_corrupted_shard_is_rejected_by_digest_and_the_round_still_commits(broke
         spy.close()
     assert summary["shards_rejected"] == 1 and summary["rejected_by_reason"] == {"digest": 1}
     assert summary["updates_accepted"] == 3 and fed.records[0].accepted == 3
+
+
+def test_signed_federation_over_the_broker(broker, broker_users):
+    keys = {f"dev-{i}": bytes([i + 7]) * 32 for i in range(3)}
+    fed = federation(broker, broker_users, n=3, signing_keys=keys,
+                     policy=RoundPolicy(rounds=2, target=3, quorum=3, min_devices=3))
+    fed.start()
+    try:
+        assert fed.wait(30)
+        s = fed.summary()
+    finally:
+        fed.stop()
+    assert (s["updates_accepted"], s["shards_rejected"], s["rounds_completed"]) == (6, 0, 2)

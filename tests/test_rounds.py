@@ -301,3 +301,30 @@ def test_devices_one_version_behind_fetch_only_the_delta_and_get_the_exact_model
     assert deltas == [f"fedsync/sim/modeldelta/2/3/{i}" for i in range(3)]
     full = sum(len(p) for t, p in sim.retained.items() if "/model/3/" in t)
     assert sum(len(sim.retained[t]) for t in deltas) < full / 3
+
+
+def test_signed_updates_count_and_a_forgery_under_the_devices_name_is_rejected_before_acceptance():
+    from device_agent.agent import AgentCore
+    from fedsync.signing import HmacSigner, HmacVerifier
+
+    keys = {d: bytes([i + 1]) * 32 for i, d in enumerate(DEVICES)}
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    sim.coord.verifier = HmacVerifier(keys)
+    for d, a in sim.agents.items():
+        a.signer = HmacSigner(keys[d])
+    sim.stalled = {"dev-1"}
+    sim.start()
+    sim.settle()
+    # An attacker on dev-1's topic sends a complete, digest-valid update signed with the wrong key.
+    m = decode(sim.retained[sim.topics.manifest], RoundManifest)
+    evil = AgentCore("dev-1", sim.topics, random.Random(9), signer=HmacSigner(b"\x66" * 32))
+    up = evil._encode(m, np.full(m.num_params, 100.0, np.float32), 10_000, {})
+    for topic, payload in zip(up.topics, up.payloads):
+        sim.run("coordinator", sim.coord.on_message(topic, payload, sim.now))
+    assert sim.coord.stats.rejected_by_reason["signature"] == 1
+    assert sim.coord.stats.updates_accepted == 2 and sim.closed() == []
+    sim.stalled.clear()  # dev-1's genuine, signed update still counts: the forgery did not block it
+    sim.settle()
+    (closed,) = sim.closed()
+    assert closed.accepted == tuple(DEVICES) and sim.coord.stats.updates_accepted == 3
+    assert np.allclose(sim.coord.vector, EXPECTED_STEP, atol=1e-6)
