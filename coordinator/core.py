@@ -98,6 +98,7 @@ class RoundClosed:
     reason: str
     vector: np.ndarray | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    total_samples: int = 0  # sum of the counted updates' num_samples (an edge's upstream weight)
 
 
 @dataclass(slots=True)
@@ -139,7 +140,7 @@ class CoordinatorCore:
     def __init__(self, topics: Topics, params: dict[str, np.ndarray], policy: RoundPolicy, *,
                  hyper: dict[str, float], incarnation: int, seed: int,
                  strategy_factory=None, first_round_id: int = 1, model_version: int = 0,
-                 screen=None, verifier=None) -> None:
+                 screen=None, verifier=None, driven: bool = False) -> None:
         from fedsync.params import flatten, spec_of
 
         self.topics = topics
@@ -164,6 +165,9 @@ class CoordinatorCore:
         # screen(vector, num_samples) -> refusal reason or None (coordinator/hardening.py)
         self.screen = screen
         self.verifier = verifier  # fedsync.signing verifier, or None: updates need not be signed
+        # driven: rounds open only when adopt() hands in a model (an edge coordinator, driven from upstream)
+        self.driven = driven
+        self._adopted = False
         self._delta_from = -1  # version whose delta to the current one is published, or -1
         self._offline_since: dict[str, float] = {}
         self._started_at: float | None = None
@@ -206,6 +210,21 @@ class CoordinatorCore:
                             frozenset(manifest.selected))
         self.next_round_id = max(self.next_round_id, manifest.round_id + 1)
         self._started_at = now  # presence is unknown until the retained statuses arrive
+
+    def adopt(self, vector: np.ndarray, hyper: dict[str, float], now: float) -> list:
+        """Driven mode: take ``vector`` as the next global model and open one round on it.
+
+        An edge coordinator calls this with the upstream model; when the round commits,
+        its result (the weighted mean of its devices' models, and their total sample count)
+        goes upstream as one update. See coordinator/edge.py."""
+        if vector.size != self.vector.size:
+            raise ValueError(f"adopt: {vector.size} params, the model has {self.vector.size}")
+        old_version = self.version
+        self.vector, self.version, self.hyper = vector.astype(np.float32), self.version + 1, dict(hyper)
+        self._adopted = True
+        out = self._publish_model() + self._clear_model(old_version) if self._started_at is not None else []
+        self._delta_from = -1  # an adopted model has no published delta: devices fetch it whole
+        return self._count_out(out + self._maybe_open(now))
 
     def retained_state(self, now: float) -> list:
         """Everything the coordinator keeps retained on the broker, to (re)publish it."""
@@ -372,7 +391,7 @@ class CoordinatorCore:
 
     def _maybe_open(self, now: float) -> list:
         p = self.policy
-        if self.finished or self.round is not None:
+        if self.finished or self.round is not None or (self.driven and not self._adopted):
             return []
         if p.rounds and self.stats.rounds_committed >= p.rounds:
             self.finished = True
@@ -392,6 +411,7 @@ class CoordinatorCore:
         self.round = _Round(manifest, ShardAssembler(layout, self.verifier, self.topics.federation), self._strategy_factory(self.vector.size),
                             frozenset(selected))
         self.next_round_id += 1
+        self._adopted = False
         return [RoundOpened(manifest), self._manifest_publish(manifest)]
 
     def _check_early_close(self, now: float) -> list:
@@ -450,7 +470,8 @@ class CoordinatorCore:
             self._delta_from = old_version if delta else -1
             out += self._last_model_publish + delta
             event = RoundClosed(r.manifest.round_id, "committed", self.version, tuple(sorted(r.selected)),
-                                accepted, r.manifest.issued_at, now, reason, self.vector, _mean_metrics(r.metrics))
+                                accepted, r.manifest.issued_at, now, reason, self.vector, _mean_metrics(r.metrics),
+                                int(sum(m.get("num_samples", 0.0) for m in r.metrics)))
             out += self._maybe_open(now) or [self._manifest_publish(self._idle_manifest(now))]
             self._delta_from = old_delta_from  # _clear_model retires the delta *into* old_version
             out += self._clear_model(old_version)

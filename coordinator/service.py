@@ -72,6 +72,10 @@ class CoordinatorService:
     def _enqueue(self, topic: str, payload: bytes, token) -> None:
         self._inbox.put(("msg", topic, payload, token))
 
+    def call(self, fn) -> None:
+        """Run ``fn(core, now) -> actions`` on the service thread (the only thread that owns the core)."""
+        self._inbox.put(("call", fn))
+
     def _connected(self, session_present: bool) -> None:
         self._inbox.put(("connect", session_present))
 
@@ -111,6 +115,8 @@ class CoordinatorService:
                 now = self.clock()
                 if item[0] == "connect":
                     actions += self._on_connect(item[1], now)
+                elif item[0] == "call":
+                    actions += item[1](self.core, now)
                 else:
                     actions += self.core.on_message(item[1], item[2], now)
                     tokens.append(item[3])
