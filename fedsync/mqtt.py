@@ -197,12 +197,7 @@ class MqttLink:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        sock = self.client.socket()
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.drop_connection()
 
     def drop_connection(self) -> None:
         """Close the socket abruptly (no DISCONNECT): for fault tests."""

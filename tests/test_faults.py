@@ -28,7 +28,7 @@ from device_agent.trainer import NumpyTrainer
 from fedsync.mqtt import Credentials
 from fedsync.params import bitmap_indices
 from fedsync.topics import Topics
-from tests.test_integration import wait_until
+from tests.util import wait_until
 
 pytestmark = pytest.mark.broker
 needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")

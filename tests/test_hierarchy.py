@@ -27,7 +27,7 @@ from device_agent.models import build_model
 from device_agent.service import AgentHost, DeviceSpec
 from device_agent.trainer import NumpyTrainer
 from fedsync.topics import Topics
-from tests.test_integration import wait_until
+from tests.util import wait_until
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")]

@@ -20,6 +20,7 @@ from coordinator.core import RoundPolicy
 from coordinator.federation import LocalFederation
 from fedsync.messages import UpdateShard, decode, encode
 from fedsync.topics import Topics
+from tests.util import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -51,15 +52,6 @@ class Spy:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def federation(broker, users, n=4, **kw) -> LocalFederation:

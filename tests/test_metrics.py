@@ -8,7 +8,6 @@ whose scrape must report exactly what happened.
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ from coordinator.federation import LocalFederation
 from coordinator.metrics import serve_metrics
 from fedsync.messages import PeerStatus, encode
 from fedsync.topics import Topics
+from tests.util import wait_until
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,15 +37,6 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fake_service(core: CoordinatorCore, handler=None) -> SimpleNamespace:

@@ -42,6 +42,7 @@ from fedsync.codecs import get_codec
 from fedsync.messages import MAX_PARAMS, MAX_SHARDS, RoundManifest, UpdateShard, decode, encode
 from fedsync.params import digest, shard_slices, update_digest
 from fedsync.topics import Topics
+from tests.util import wait_until
 
 needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
 TOPICS = Topics("demo")
@@ -146,15 +147,6 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def raw_connack(port: int, ca: str | None, client_id: str, user: str | None = None,
@@ -348,7 +340,6 @@ def test_a_device_cannot_publish_a_manifest_model_receipt_or_coordinator_status(
     time.sleep(0.3)
     dev0.close()
     assert dev0.seen() == []  # no forged retained receipt for dev-0
-
 
 
 @needs_mosquitto

@@ -6,7 +6,6 @@ will, exactly like AgentHost's devices; the swarm only changes who drives the so
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -18,20 +17,12 @@ from device_agent.service import DeviceSpec
 from device_agent.swarm import NoiseTrainer, Swarm
 from fedsync.mqtt import Credentials
 from fedsync.topics import Topics
+from tests.util import wait_until
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")]
 
 N_DEVICES = 50
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

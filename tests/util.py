@@ -1,0 +1,15 @@
+"""Small helpers shared by the broker tests."""
+
+from __future__ import annotations
+
+import time
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
