@@ -120,10 +120,16 @@ def _run(console, url: str, users: dict, opts: DemoOptions, policy: RoundPolicy,
         progress.update(task, advance=1 if rec.outcome == "committed" else 0,
                         last=f"round {rec.round_id}: {rec.accepted} updates, {acc}")
 
-    server = FedAdam(610, server_lr=DEMO_SERVER_LR)  # long-lived: its moments persist across rounds
+    if opts.mode == "async":
+        # The sync-vs-FedBuff comparison runs both sides on plain FedAvg (one full-batch step per update):
+        # FedAdam's fixed-size normalised steps suit one aggregate per round, not many small stale buffers.
+        hyper, factory = dict(DEFAULT_HYPER), None
+    else:
+        hyper = dict(DEMO_HYPER)
+        factory = FedAdam(610, server_lr=DEMO_SERVER_LR).factory()  # long-lived: moments persist across rounds
     fed = LocalFederation(url, users, n_devices=opts.devices, seed=opts.seed, policy=policy, on_round=on_round,
                           train_delays=delays, stop_at_accuracy=stop_at, federation=f"demo-{policy.mode}",
-                          hyper=dict(DEMO_HYPER), strategy_factory=server.factory())
+                          hyper=hyper, strategy_factory=factory)
     killed: list[str] = []
     t0 = time.perf_counter()
     with progress:
