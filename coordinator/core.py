@@ -106,6 +106,7 @@ class CoordinatorStats:
     """Counters the service exports as metrics (names in docs/protocol.md)."""
 
     updates_accepted: int = 0
+    updates_refused: int = 0  # complete and verified, but refused by policy (norm bound, staleness, ...)
     duplicates_dropped: int = 0
     shards_accepted: int = 0
     shards_rejected: int = 0
@@ -332,8 +333,10 @@ class CoordinatorCore:
             assert o.update is not None
             refusal = self._screen(r, o.update)
             if refusal is not None:
+                # The shards were fine; the update is not: counted once, as a refused update.
                 r.assembler.mark_refused(shard.device)
-                self._reject(refusal)
+                self.stats.updates_refused += 1
+                self.stats.rejected_by_reason[refusal] += 1
                 status = "refused"
                 o = ShardOutcome("refused", o.device, o.update_id, reason=refusal, held=o.held)
                 out.append(RejectedInput(self.topics.up(shard.device, shard.round_id, shard.update_id, shard.index),
@@ -345,7 +348,7 @@ class CoordinatorCore:
         reason = o.reason if status in ("rejected", "refused") else ""
         out.append(self._ack_publish(ShardAck(shard.device, shard.round_id, shard.update_id,
                                               shard.count, held, status, reason)))
-        if o.kind == "complete":
+        if o.kind in ("complete", "refused"):
             out += self._check_early_close(now)
         return out
 

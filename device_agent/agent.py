@@ -184,7 +184,7 @@ class AgentCore:
             return [Note("update_dropped", {"round": round_id, "reason": "round closed"})]
         delta = flatten(params, m.param_spec) - self._model[2]
         codec = get_codec(m.update_codec)
-        if codec.name.startswith("topk"):
+        if codec.error_feedback:
             delta = self._feedback_compensate(delta, codec, m)
         self._upload = self._encode(m, delta, num_samples, metrics)
         self.state = "uploading"

@@ -49,6 +49,7 @@ class Codec:
     decode: Callable[[bytes, int], np.ndarray]
     lossless: bool
     bound: Callable[[np.ndarray], np.ndarray] | None = None  # per-value error bound of a lossy codec
+    error_feedback: bool = False  # biased (sparsifying): the device keeps what it dropped for next round
 
     def error_bound(self, values: np.ndarray) -> np.ndarray:
         """Per-value absolute error this codec promises for ``values``."""

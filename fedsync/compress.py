@@ -308,6 +308,7 @@ def topk_codec(fraction: float, name: str | None = None) -> Codec:
         lambda values: _topk_encode(values, exact, name),
         lambda data, length: _topk_decode(data, length, exact),
         lossless=False,
+        error_feedback=True,
     )
 
 

@@ -188,16 +188,22 @@ class MqttLink:
     def stop(self, disconnect: bool = True, timeout: float = 5.0) -> None:
         """Stop the loop. ``disconnect=False`` drops the socket without DISCONNECT,
         so the broker publishes the last will (a crash, as the broker sees it)."""
-        if disconnect and self.connected.is_set():
+        clean = disconnect and self.connected.is_set()
+        if clean:
             self.flush(timeout)  # a clean stop delivers what was queued (the final manifest, say)
-            self.client.disconnect()
-            deadline = time.monotonic() + 2.0
-            while self.connected.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
+        # Stop our loop thread before disconnecting: otherwise it sees the closed socket and
+        # reconnects, and the broker later fires the will of a client that left cleanly.
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if clean:
+            self.client.disconnect()
+            deadline = time.monotonic() + 2.0
+            while self.connected.is_set() and time.monotonic() < deadline:
+                if self.client.loop(timeout=0.05) != paho.MQTT_ERR_SUCCESS:
+                    break
         self.drop_connection()
+        self.connected.clear()
 
     def drop_connection(self) -> None:
         """Close the socket abruptly (no DISCONNECT): for fault tests."""

@@ -328,3 +328,22 @@ def test_signed_updates_count_and_a_forgery_under_the_devices_name_is_rejected_b
     (closed,) = sim.closed()
     assert closed.accepted == tuple(DEVICES) and sim.coord.stats.updates_accepted == 3
     assert np.allclose(sim.coord.vector, EXPECTED_STEP, atol=1e-6)
+
+
+def test_update_beyond_the_norm_bound_is_refused_counted_and_the_round_commits_without_it():
+    from coordinator.hardening import UpdateScreen
+
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3))
+    sim.trainers["dev-2"] = offset_trainer(1000.0, 60)  # a poisoned, huge update
+    sim.coord.screen = UpdateScreen(max_norm=100.0)
+    sim.start()
+    sim.settle()
+    (closed,) = sim.closed()
+    assert (closed.outcome, closed.accepted, closed.reason) == ("committed", ("dev-0", "dev-1"),
+                                                                "quorum_no_live_pending")
+    s = sim.coord.stats
+    assert (s.updates_accepted, s.updates_refused, s.rejected_by_reason["norm_bound"], s.shards_rejected) == (2, 1, 1, 0)
+    ack = decode(sim.retained[sim.topics.ack("dev-2")], ShardAck)
+    assert (ack.status, ack.reason) == ("refused", "norm_bound")
+    assert sim.agents["dev-2"].state == "finished" and sim.agents["dev-2"].stats.shards_sent == 4  # no retries
+    assert np.allclose(sim.coord.vector, (10 * 1 + 30 * 2) / 40, atol=1e-6)
