@@ -78,6 +78,9 @@ class CoordinatorCollector(Collector):
         yield rounds
         yield CounterMetricFamily("fedsync_updates_accepted", "Updates counted into an aggregate "
                                   "(complete, verified, first per device and round).", value=s.updates_accepted)
+        yield CounterMetricFamily("fedsync_updates_refused", "Complete, verified updates refused by policy "
+                                  "(norm bound, sample-count bound, staleness); reasons are in "
+                                  "fedsync_shards_rejected's reason label.", value=s.updates_refused)
         yield CounterMetricFamily("fedsync_shards_accepted", "Update shards newly held.", value=s.shards_accepted)
         yield CounterMetricFamily("fedsync_duplicate_shards", "Update shard deliveries dropped as duplicates "
                                   "(QoS 1 redeliveries, device resends, late redeliveries).",
