@@ -105,6 +105,7 @@ class AgentStats:
     updates_rejected: int = 0
     model_fetches: int = 0
     delta_fetches: int = 0
+    refetches: int = 0
     bad_messages: int = 0
 
 
@@ -216,6 +217,14 @@ class AgentCore:
         return decoded  # what the coordinator will see; re-encoding it is exact for top-k
 
     def tick(self, now: float) -> list:
+        if self.state == "fetching" and self.job is not None and now - self._progress_at >= self.resend_after:
+            # No model shard for a while (lost in a reset, or a broker that dropped it):
+            # subscribe again, and the broker re-sends the retained shards.
+            self._progress_at = now
+            self.stats.refetches += 1
+            flt = self._fetch_filter(self.job)
+            return [Note("refetch", {"round": self.job.round_id, "have": len(self._fetch)}),
+                    Unsubscribe(flt), Subscribe(flt, 1)]
         up = self._upload
         if self.state != "uploading" or up is None or now - self._progress_at < self.resend_after:
             return []
@@ -269,6 +278,7 @@ class AgentCore:
         self.state = "fetching"
         self._fetch = {}
         self.stats.model_fetches += 1
+        self._progress_at = now
         # One version behind and a delta is published: fetch only the difference.
         have = self._model[0] if self._model is not None else -1
         self._fetch_base = m.delta_from if m.delta_from >= 0 and have == m.delta_from else -1
@@ -294,6 +304,7 @@ class AgentCore:
         if digest(s.data) != s.digest:
             raise ProtocolError("digest", "digest", f"model shard {index}")
         self._fetch[index] = get_codec(s.codec).decode(s.data, s.length)
+        self._progress_at = now
         if len(self._fetch) < m.model_shards:
             return []
         vector = np.concatenate([self._fetch[i] for i in range(m.model_shards)])

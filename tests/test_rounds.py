@@ -347,3 +347,19 @@ def test_update_beyond_the_norm_bound_is_refused_counted_and_the_round_commits_w
     assert (ack.status, ack.reason) == ("refused", "norm_bound")
     assert sim.agents["dev-2"].state == "finished" and sim.agents["dev-2"].stats.shards_sent == 4  # no retries
     assert np.allclose(sim.coord.vector, (10 * 1 + 30 * 2) / 40, atol=1e-6)
+
+
+def test_a_lost_model_shard_is_fetched_again_after_the_resend_window():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
+    sim.start()
+    for _ in range(10_000):  # lose dev-1's first model shard in flight
+        hit = [i for i, (c, t, _) in enumerate(sim.queue) if c == "dev-1" and "/model/" in t]
+        if hit:
+            del sim.queue[hit[0]]
+            break
+        assert sim.step()
+    sim.settle()
+    assert sim.closed() == [] and sim.agents["dev-1"].state == "fetching"
+    sim.advance(5.0)  # resend_after: re-subscribing makes the broker re-send the retained shards
+    (closed,) = sim.closed()
+    assert closed.accepted == tuple(DEVICES) and sim.agents["dev-1"].stats.refetches == 1
