@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--users", help="file of 'name:password' lines; without it, anonymous login is allowed")
+    p.add_argument("--acl-federation", help="with --users: enforce the fedsync topic ACL for this federation "
+                   "(every user but 'coordinator' and 'monitor' is a device; client id must equal user)")
 
     p = sub.add_parser("broker-config", help="render a ready mosquitto setup (TLS, passwords, ACL)",
                        add_help=False)
@@ -139,7 +141,19 @@ def cmd_broker(a: argparse.Namespace) -> int:
             users[name.strip()] = pw.strip()
     with tempfile.TemporaryDirectory() as d:
         write_password_file(f"{d}/passwd", users)
-        run_embedded(a.host, a.port, f"{d}/passwd")
+        if a.acl_federation:
+            import asyncio
+
+            from broker_config.acl import amqtt_acl
+            from broker_config.amqtt_auth import _serve, secured_config
+            from broker_config.embedded import _configure_logging
+
+            _configure_logging()
+            devices = sorted(u for u in users if u not in ("coordinator", "monitor"))
+            config = secured_config(a.host, a.port, f"{d}/passwd", amqtt_acl(a.acl_federation, devices))
+            asyncio.run(_serve(config, a.host, a.port))
+        else:
+            run_embedded(a.host, a.port, f"{d}/passwd")
     return 0
 
 
