@@ -369,7 +369,7 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
     stages = [
         ("core.on_message, whole round incl. commit", whole),
         ("  CBOR decode + validate (messages.decode)", lambda: [decode(p, UpdateShard) for _, p in messages]),
-        ("  BLAKE2b-128 shard digest (x1; the core hashes each shard twice)", lambda: [digest(x.data) for x in shards]),
+        ("  SHA-256/128 shard digest (x1 per shard)", lambda: [digest(x.data) for x in shards]),
         (f"  codec decode ({codec})", lambda: [c.decode(x.data, x.length) for x in shards]),
         ("  FedAvg.add, every update", fedavg),
         ("MqttLink: bytes(msg.payload) copy", lambda: [bytes(memoryview(p)) for _, p in messages]),

@@ -275,7 +275,7 @@ def test_twelve_thousand_hostile_payloads_are_each_counted_once_and_a_genuine_up
     core, m = open_round()
     rng = random.Random(SEED)
     # The corpus lacks the last shard of each genuine update, so no mutation can complete
-    # a valid one: that would take data with a given BLAKE2b digest. Mutants that happen to
+    # a valid one: that would take data with a given SHA-256 digest. Mutants that happen to
     # stay valid (a metrics map replaced by {}) are counted as accepted shards.
     corpus = (genuine_update(m, "dev-1", "u-dev1", np.linspace(-1, 1, m.num_params, dtype=np.float32))[:-1]
               + genuine_update(m, "dev-2", "u-dev2", np.full(m.num_params, 0.25, np.float32))[:-1])
