@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from broker_config.process import free_port  # noqa: E402
+
 FLOWER_APP = ROOT / "benchmarks" / "flower_app"
 DEFAULT_VENV = Path("/tmp/flwr-venv")
 NOISE, SAMPLES, FEDERATION = 1e-3, 100, "bench"
@@ -271,6 +273,26 @@ def coordinator_main(url: str, password: str, policy: dict, num_params: int, eve
     service.stop()
 
 
+def stop_coordinator(coord, stop, events, timeout: float) -> dict | None:
+    """Ask the coordinator process (``coordinator_main``) to stop, collect the stats it reports
+    on the way out, and reap it (killing it if it does not exit)."""
+    stop.set()
+    stats = None
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            kind, body = events.get(timeout=1.0)
+        except Exception:  # noqa: BLE001 - queue.Empty from a multiprocessing queue
+            continue
+        if kind == "stats":
+            stats = body
+            break
+    coord.join(10)
+    if coord.is_alive():
+        coord.kill()
+    return stats
+
+
 @dataclass
 class Result:
     system: str
@@ -344,20 +366,7 @@ def run_fedsync(clients: int, params: int, codec: str, rounds: int, seed: int = 
         finally:
             failures = swarm.failures
             swarm.stop()
-            stop.set()
-            stats = None
-            end = time.monotonic() + 15
-            while time.monotonic() < end:
-                try:
-                    kind, body = events.get(timeout=1.0)
-                except Exception:  # noqa: BLE001
-                    continue
-                if kind == "stats":
-                    stats = body
-                    break
-            coord.join(10)
-            if coord.is_alive():
-                coord.kill()
+            stats = stop_coordinator(coord, stop, events, 15)
     measured = rounds - 1
     res.round_seconds = res.round_seconds[1:]
     res.bytes_up = (marks[-1][0] - marks[0][0]) / measured
@@ -375,12 +384,6 @@ def flwr_env(venv: Path, home: Path) -> dict[str, str]:
     env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
     return env
-
-
-def _free_port() -> int:
-    from broker_config.process import free_port
-
-    return free_port()
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
@@ -480,14 +483,14 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
     tree = ProcessTree()
     results = work / "rounds.jsonl"
     try:
-        link_port = _free_port()
+        link_port = free_port()
         tree.spawn([str(venv / "bin" / "flower-superlink"), "--insecure", "--port", str(link_port),
                     "--disable-runtime-dependency-installation"], env, work / "superlink.log", work)
         _wait_port(link_port, 60, tree.procs[0], work / "superlink.log")
         with CountingProxy(link_port) as proxy:
             for i in range(nodes):
                 tree.spawn([str(venv / "bin" / "flower-supernode"), "--insecure",
-                            "--superlink", f"127.0.0.1:{proxy.port}", "--port", str(_free_port())],
+                            "--superlink", f"127.0.0.1:{proxy.port}", "--port", str(free_port())],
                            env, work / f"supernode-{i}.log", work)
             (home / "config.toml").write_text(
                 f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link_port}"\n'

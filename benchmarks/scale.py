@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.round_time import FEDERATION, NOISE, SAMPLES, CountingProxy, coordinator_main, raise_nofile  # noqa: E402
+from benchmarks.round_time import (FEDERATION, NOISE, SAMPLES, CountingProxy, coordinator_main,  # noqa: E402
+                                  raise_nofile, stop_coordinator)
 
 
 def peak_rss(pid: int) -> int:
@@ -145,19 +146,7 @@ def run(devices: int, participants: int, params: int, rounds: int, codec: str, m
     finally:
         if swarm is not None:
             swarm.stop()
-        stop.set()
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            try:
-                kind, body = events.get(timeout=1.0)
-            except Exception:  # noqa: BLE001
-                continue
-            if kind == "stats":
-                stats = body
-                break
-        coord.join(10)
-        if coord.is_alive():
-            coord.kill()
+        stats = stop_coordinator(coord, stop, events, 20) or stats
         dev_proxy.stop()
         coord_proxy.stop()
         broker.stop()
