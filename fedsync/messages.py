@@ -313,8 +313,8 @@ RoundManifest._SPEC = {
     "hyper": _float_map(),
     "delta_from": _int(-1, 2**53),
 }
-ModelShard._SPEC = {
-    "version": _VERSION,
+# The fields every slice of the flat vector carries, model shard or update shard alike.
+_SLICE_SPEC: dict[str, Validator] = {
     "index": _INDEX,
     "count": _COUNT,
     "offset": _OFFSET,
@@ -323,23 +323,20 @@ ModelShard._SPEC = {
     "codec": _CODEC,
     "digest": _DIGEST,
     "data": _bytes(MAX_PAYLOAD),
+}
+ModelShard._SPEC = {
+    **_SLICE_SPEC,
+    "version": _VERSION,
     "base": _int(-1, 2**53),
 }
 UpdateShard._SPEC = {
+    **_SLICE_SPEC,
     "device": _ident,
     "round_id": _ROUND,
     "update_id": _ident,
     "base_version": _VERSION,
-    "index": _INDEX,
-    "count": _COUNT,
-    "offset": _OFFSET,
-    "length": _NPARAMS,
-    "num_params": _NPARAMS,
-    "codec": _CODEC,
     "num_samples": _int(1, 1 << 40),
-    "digest": _DIGEST,
     "update_digest": _DIGEST,
-    "data": _bytes(MAX_PAYLOAD),
     "metrics": _float_map(),
     "signature": _bytes(64),
 }
