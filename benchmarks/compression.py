@@ -185,13 +185,13 @@ def agent_payloads(manifest, u: TrainedUpdate, feedback: bool):
 
     core = AgentCore(DEVICE, Topics(FEDERATION), random.Random(0))
     codec = get_codec(manifest.update_codec)
-    vector = u.delta
+    vector, datas = u.delta, None
     target = u.delta
     if feedback:
         core._feedback_compensate(u.prev_delta, codec, manifest)  # the previous round leaves its residual
         target = u.delta + np.array(core.feedback.residual)
-        vector = core._feedback_compensate(u.delta, codec, manifest)
-    return core._encode(manifest, vector, u.num_samples, u.metrics).payloads, target
+        vector, datas = core._feedback_compensate(u.delta, codec, manifest)
+    return core._encode(manifest, vector, u.num_samples, u.metrics, datas).payloads, target
 
 
 def wire_result(manifest, u: TrainedUpdate, feedback: bool) -> WireResult:
@@ -254,8 +254,8 @@ def measure_speed(u: TrainedUpdate, runs: int) -> list[SpeedResult]:
 
         def agent_path() -> None:
             core = AgentCore(DEVICE, Topics(FEDERATION), random.Random(0))
-            vector = core._feedback_compensate(u.delta, codec, m) if uses_feedback(name) else u.delta
-            core._encode(m, vector, u.num_samples, u.metrics)
+            vector, datas = core._feedback_compensate(u.delta, codec, m) if uses_feedback(name) else (u.delta, None)
+            core._encode(m, vector, u.num_samples, u.metrics, datas)
 
         enc = _cpu_seconds(lambda: [codec.encode(v) for v, _ in pieces], runs)
         dec = _cpu_seconds(lambda: [codec.decode(d, n) for d, n in encoded], runs)

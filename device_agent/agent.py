@@ -185,9 +185,10 @@ class AgentCore:
             return [Note("update_dropped", {"round": round_id, "reason": "round closed"})]
         delta = flatten(params, m.param_spec) - self._model[2]
         codec = get_codec(m.update_codec)
+        datas = None
         if codec.error_feedback:
-            delta = self._feedback_compensate(delta, codec, m)
-        self._upload = self._encode(m, delta, num_samples, metrics)
+            delta, datas = self._feedback_compensate(delta, codec, m)
+        self._upload = self._encode(m, delta, num_samples, metrics, datas)
         self.state = "uploading"
         self._progress_at = now
         # Persist first: a crash after this line resumes the upload instead of retraining.
@@ -203,18 +204,22 @@ class AgentCore:
                                first.num_samples, dict(first.metrics), None, retries=record.retries)
         self.state = "restored"
 
-    def _feedback_compensate(self, delta: np.ndarray, codec, m: RoundManifest) -> np.ndarray:
+    def _feedback_compensate(self, delta: np.ndarray, codec, m: RoundManifest) -> tuple[np.ndarray, list[bytes]]:
         """Error feedback for top-k (Karimireddy et al. 2019): send delta + residual; keep what
-        the codec dropped for the next round. The residual lives on the device only."""
+        the codec dropped for the next round. The residual lives on the device only.
+
+        Returns what the coordinator will decode and the encoded shards themselves, so they
+        are not encoded a second time."""
         from fedsync.compress import ErrorFeedback
 
         if self.feedback is None or self.feedback.num_params != delta.size:
             self.feedback = ErrorFeedback(delta.size)
         compensated = self.feedback.compensate(delta)
-        decoded = np.concatenate([codec.decode(codec.encode(compensated[o:o + n]), n)
-                                  for o, n in shard_slices(m.num_params, m.shard_values)])
+        slices = shard_slices(m.num_params, m.shard_values)
+        datas = [codec.encode(compensated[o:o + n]) for o, n in slices]
+        decoded = np.concatenate([codec.decode(d, n) for d, (_, n) in zip(datas, slices)])
         self.feedback.update(compensated, decoded)
-        return decoded  # what the coordinator will see; re-encoding it is exact for top-k
+        return decoded, datas
 
     def tick(self, now: float) -> list:
         if self.state == "fetching" and self.job is not None and now - self._progress_at >= self.resend_after:
@@ -335,11 +340,15 @@ class AgentCore:
 
     # -- upload -----------------------------------------------------------------
 
-    def _encode(self, m: RoundManifest, delta: np.ndarray, num_samples: int, metrics: dict[str, float]) -> _Upload:
+    def _encode(self, m: RoundManifest, delta: np.ndarray, num_samples: int, metrics: dict[str, float],
+                datas: list[bytes] | None = None) -> _Upload:
+        """Shard, digest and (optionally) sign an update; ``datas`` are the shards already
+        encoded with the round's codec (error feedback encodes them), else they are encoded here."""
         codec = get_codec(m.update_codec)
         update_id = f"u{self.rng.getrandbits(48):012x}"
         slices = shard_slices(m.num_params, m.shard_values)
-        datas = [codec.encode(delta[off:off + n]) for off, n in slices]
+        if datas is None:
+            datas = [codec.encode(delta[off:off + n]) for off, n in slices]
         digests = [digest(d) for d in datas]
         whole = update_digest(digests)
         signature = b""

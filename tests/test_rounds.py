@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -363,3 +364,25 @@ def test_a_lost_model_shard_is_fetched_again_after_the_resend_window():
     sim.advance(5.0)  # resend_after: re-subscribing makes the broker re-send the retained shards
     (closed,) = sim.closed()
     assert closed.accepted == tuple(DEVICES) and sim.agents["dev-1"].stats.refetches == 1
+
+
+def test_topk_updates_carry_error_feedback_and_the_coordinator_sees_exactly_what_was_kept():
+    params = {"w": np.zeros((60, 10), np.float32), "b": np.zeros(10, np.float32)}
+    sim = Sim(["dev-0"], RoundPolicy(rounds=1, target=1, quorum=1, min_devices=1, update_codec="topk",
+                                     shard_values=256), params=params)
+    ramp = np.arange(610, dtype=np.float32) / 610  # distinct magnitudes: top-10% is well defined
+
+    def fit(p, hyper):
+        flat = flatten(p) + ramp
+        return {"b": flat[:10], "w": flat[10:].reshape(60, 10)}, 5, {}
+
+    sim.trainers = {"dev-0": fit}
+    sim.start()
+    sim.settle()
+    (closed,) = sim.closed()
+    assert closed.accepted == ("dev-0",)
+    a = sim.agents["dev-0"]
+    kept = np.count_nonzero(sim.coord.vector)
+    assert kept == sum(math.ceil(0.1 * n) for n in (256, 256, 98))  # top 10% of each shard
+    # what was dropped stays on the device for the next round: sent + residual == the true delta
+    np.testing.assert_allclose(sim.coord.vector + a.feedback.residual, ramp, atol=1e-3)
