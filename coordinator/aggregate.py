@@ -47,21 +47,26 @@ class FedAvg:
     [2.5, 1.5]
     """
 
+    CHUNK = 1 << 15  # values per step of add(): the float64 scratch (256 KiB) stays in L2
+
     def __init__(self, num_params: int, weighted: bool = True, server_lr: float = 1.0) -> None:
         self._sum = np.zeros(num_params, dtype=np.float64)
         self._weight = 0.0
-        self._scratch: np.ndarray | None = None
+        self._scratch = np.empty(min(num_params, self.CHUNK), dtype=np.float64)
         self.weighted = weighted
         self.server_lr = server_lr
         self.count = 0
 
     def add(self, delta: np.ndarray, num_samples: float) -> None:
         w = float(num_samples) if self.weighted else 1.0
-        # One preallocated float64 scratch: no model-sized temporaries per update.
-        if self._scratch is None:
-            self._scratch = np.empty_like(self._sum)
-        np.multiply(delta, w, out=self._scratch, casting="unsafe")
-        self._sum += self._scratch
+        # In cache-sized steps through one small float64 scratch: no model-sized temporaries, and
+        # the sum is streamed once (20 bytes of memory traffic per value instead of 36).
+        step, total, scratch = self.CHUNK, self._sum, self._scratch
+        for i in range(0, total.size, step):
+            part = total[i:i + step]
+            tmp = scratch[:part.size]
+            np.multiply(delta[i:i + step], w, out=tmp, casting="unsafe")
+            np.add(part, tmp, out=part)
         self._weight += w
         self.count += 1
 

@@ -202,7 +202,7 @@ class ShardAssembler:
         vector = np.empty(self.layout.num_params, dtype=np.float32)
         try:
             for s in ordered:
-                vector[s.offset:s.offset + s.length] = self._codec.decode(s.data, s.length)
+                self._codec.decode_to(s.data, vector[s.offset:s.offset + s.length])
         except ProtocolError as err:
             return ShardOutcome("rejected", device, update_id, reason=f"decode_{err.reason}", held=b"")
         self._accepted[device] = update_id

@@ -80,7 +80,12 @@ class Journal:
     def append(self, topic: str, payload: bytes) -> None:
         if self._log is None:
             raise RuntimeError("journal: no round is open")
-        self._append_record([topic, payload])
+        # The same record as _append_record([topic, payload]), without copying the payload into it:
+        # a CBOR array head, the topic, a byte string head, then the payload written as it is.
+        head = b"\x82" + cbor2.dumps(topic) + _bytes_head(len(payload))
+        self._log.write(_LEN.pack(len(head) + len(payload)) + head)
+        self._log.write(payload)
+        self.records_written += 1
 
     def sync(self) -> None:
         """Flush and fsync the round log: after this, everything appended is durable."""
@@ -132,6 +137,16 @@ class Journal:
         if rec.manifest is None or (ck is not None and rec.manifest.round_id <= ck.closed_through):
             return Recovered(ck)  # that round closed after the log was written: settled
         return rec
+
+
+def _bytes_head(n: int) -> bytes:
+    """The CBOR head of a byte string of ``n`` bytes (RFC 8949 §3: major type 2)."""
+    if n < 24:
+        return bytes([0x40 | n])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([0x40 | info]) + n.to_bytes(size, "big")
+    raise ValueError(f"byte string of {n} bytes")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -23,6 +23,7 @@ decompression bombs), and a wrong length or non-finite value is a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,7 @@ import zstandard
 from fedsync.errors import ProtocolError
 
 _FP16_MAX = 65504.0
+_LITTLE = sys.byteorder == "little"  # the in-place decoders view float32 memory as wire bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,15 @@ class Codec:
     lossless: bool
     bound: Callable[[np.ndarray], np.ndarray] | None = None  # per-value error bound of a lossy codec
     error_feedback: bool = False  # biased (sparsifying): the device keeps what it dropped for next round
+    decode_into: Callable[[bytes, np.ndarray], None] | None = None  # optional: decode straight into a slice
+
+    def decode_to(self, data: bytes, out: np.ndarray) -> None:
+        """Decode ``data`` into ``out`` (a contiguous float32 slice of the expected length):
+        what the coordinator does with every update shard, without an intermediate array."""
+        if self.decode_into is not None and _LITTLE:
+            self.decode_into(data, out)
+        else:
+            out[...] = self.decode(data, out.size)
 
     def error_bound(self, values: np.ndarray) -> np.ndarray:
         """Per-value absolute error this codec promises for ``values``."""
@@ -120,6 +131,21 @@ def _raw_decode(data: bytes, length: int) -> np.ndarray:
     return _finite(np.frombuffer(data, dtype="<f4").astype(np.float32))
 
 
+def _raw_decode_into(data: bytes, out: np.ndarray) -> None:
+    if len(data) != 4 * out.size:
+        raise ProtocolError("data", "size", f"{len(data)} bytes for {out.size} float32 values")
+    np.copyto(out, np.frombuffer(data, dtype="<f4"))
+    _finite(out)
+
+
+def _zstd_decode_into(data: bytes, out: np.ndarray) -> None:
+    src = np.frombuffer(_zstd_decompress(data, 4 * out.size), dtype=np.uint8).reshape(4, -1)
+    planes = out.view(np.uint8).reshape(-1, 4)  # little-endian host: plane k is byte k of each float
+    for k in range(4):
+        planes[:, k] = src[k]
+    _finite(out)
+
+
 def _zstd_encode(values: np.ndarray) -> bytes:
     return _zstd_compress(_shuffle(_raw_encode(values), 4))
 
@@ -150,8 +176,8 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-register(Codec("raw", _raw_encode, _raw_decode, lossless=True))
-register(Codec("zstd", _zstd_encode, _zstd_decode, lossless=True))
+register(Codec("raw", _raw_encode, _raw_decode, lossless=True, decode_into=_raw_decode_into))
+register(Codec("zstd", _zstd_encode, _zstd_decode, lossless=True, decode_into=_zstd_decode_into))
 register(Codec("fp16", _fp16_encode, _fp16_decode, lossless=False,
                bound=lambda v: np.maximum(np.abs(v) * 2.0**-11, 2.0**-25)))
 

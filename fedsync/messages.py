@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 
 import cbor2
 
+from fedsync import cborview
 from fedsync.errors import ProtocolError
 from fedsync.topics import check_name
 
@@ -80,7 +81,7 @@ def _ident(name: str, v: Any) -> str:
 
 def _bytes(max_len: int, exact: int | None = None) -> Validator:
     def check(name: str, v: Any) -> bytes:
-        if not isinstance(v, bytes):
+        if not isinstance(v, (bytes, memoryview)):  # memoryview: a large field read in place (fedsync.cborview)
             raise ProtocolError(name, "type", f"expected bytes, got {type(v).__name__}")
         if exact is not None and len(v) != exact:
             raise ProtocolError(name, "size", f"{len(v)} bytes, expected {exact}")
@@ -363,17 +364,52 @@ _KINDS: dict[str, type[_Message]] = {
 def _to_cbor(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_cbor(v) for v in value]
+    if isinstance(value, memoryview):  # cbor2 would write it as an array of ints
+        return value.tobytes()
     return value
 
 
+def _layout(cls: type[_Message]) -> tuple[tuple[str, bool, Validator], ...]:
+    """(field name, required, validator) per field of a message type, in declaration order."""
+    lay = _LAYOUTS.get(cls)
+    if lay is None:
+        lay = _LAYOUTS[cls] = tuple((f.name, f.default is MISSING and f.default_factory is MISSING,
+                                     cls._SPEC[f.name]) for f in fields(cls))  # type: ignore[arg-type]
+    return lay
+
+
+_LAYOUTS: dict[type, tuple[tuple[str, bool, Validator], ...]] = {}
+
+
 def encode(msg: _Message) -> bytes:
-    """Encode a message as a CBOR map. Validates first, so nothing invalid leaves."""
+    """Encode a message as a CBOR map. Validates first, so nothing invalid leaves: every
+    field goes through the decoder's own validator in the form it is written in."""
     body: dict[str, Any] = {"v": SCHEMA, "t": msg.KIND}
-    for f in fields(msg):  # type: ignore[arg-type]
-        body[f.name] = _to_cbor(getattr(msg, f.name))
+    for name, _, check in _layout(type(msg)):
+        body[name] = value = _to_cbor(getattr(msg, name))
+        check(name, value)
+    msg._check()
     out = cbor2.dumps(body)
-    decode(out, type(msg))  # cheap relative to the I/O; keeps the two sides honest
+    if len(out) > MAX_PAYLOAD:
+        raise ProtocolError("payload", "size", f"{len(out)} bytes > {MAX_PAYLOAD}")
     return out
+
+
+def _read_cbor(payload: bytes) -> tuple[Any, int]:
+    """The first CBOR item and where it ends. Large payloads (shards) go through
+    :mod:`fedsync.cborview`, which leaves their data in place; the rest, and
+    anything it does not cover, through cbor2."""
+    if len(payload) >= cborview.VIEW_MIN and isinstance(payload, bytes):
+        try:
+            return cborview.loads(payload)
+        except cborview.Unsupported:
+            pass
+    fp = io.BytesIO(payload)
+    try:
+        body = cbor2.CBORDecoder(fp).decode()
+    except Exception as exc:  # cbor2 raises several types; all mean "not CBOR"
+        raise ProtocolError("payload", "cbor", str(exc)[:120]) from None
+    return body, fp.tell()
 
 
 def decode(payload: bytes, expect: type[_Message] | None = None) -> Any:
@@ -389,13 +425,9 @@ def decode(payload: bytes, expect: type[_Message] | None = None) -> Any:
         raise ProtocolError("payload", "size", f"{len(payload)} bytes > {MAX_PAYLOAD}")
     if not payload:
         raise ProtocolError("payload", "empty")
-    fp = io.BytesIO(payload)
-    try:
-        body = cbor2.CBORDecoder(fp).decode()
-    except Exception as exc:  # cbor2 raises several types; all mean "not CBOR"
-        raise ProtocolError("payload", "cbor", str(exc)[:120]) from None
-    if fp.tell() != len(payload):
-        raise ProtocolError("payload", "trailing_bytes", f"{len(payload) - fp.tell()} bytes after the CBOR item")
+    body, end = _read_cbor(payload)
+    if end != len(payload):
+        raise ProtocolError("payload", "trailing_bytes", f"{len(payload) - end} bytes after the CBOR item")
     if not isinstance(body, dict):
         raise ProtocolError("payload", "type", f"expected CBOR map, got {type(body).__name__}")
     version = body.get("v")
@@ -411,12 +443,12 @@ def decode(payload: bytes, expect: type[_Message] | None = None) -> Any:
     if unknown:
         raise ProtocolError(sorted(map(str, unknown))[0], "unknown_field")
     values = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name not in body:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise ProtocolError(f.name, "missing")
+    for name, required, check in _layout(cls):
+        if name not in body:
+            if required:
+                raise ProtocolError(name, "missing")
             continue  # optional field: the dataclass default applies
-        values[f.name] = cls._SPEC[f.name](f.name, body[f.name])
+        values[name] = check(name, body[name])
     msg = cls(**values)
     msg._check()
     return msg

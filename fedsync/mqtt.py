@@ -30,9 +30,11 @@ from urllib.parse import urlparse
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedsync import paho_fast
 from fedsync.log import log_event
 
 log = logging.getLogger("fedsync.mqtt")
+paho_fast.install()  # one payload copy per received PUBLISH instead of three (see fedsync/paho_fast.py)
 
 # (topic, payload, token): with manual_ack the token is (mid, qos) to pass to MqttLink.ack once the
 # message is safely handled; otherwise None (paho acknowledged it on receipt).
