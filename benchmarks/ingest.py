@@ -410,6 +410,11 @@ def run(args) -> list[Trial]:
         for codec in args.codecs:
             for shard_kib in args.shard_kib:
                 shard_values = shard_kib * 1024 // 4
+                for _ in range(args.warmup):  # unmeasured: a long-running coordinator's heap is warm
+                    w = coordinator_trial(parent, broker.url, users["coordinator"], devices, num_params,
+                                          shard_values, codec, journal=False)
+                    print(f"  {codec:5} {shard_kib:5} KiB warm-up: coordinator {w.mib_s:8.1f} MiB/s",
+                          file=sys.stderr, flush=True)
                 for rep in range(args.repeats):
                     # The coordinator run also has the publishers encode this layout; the baseline reuses those bytes.
                     t = coordinator_trial(parent, broker.url, users["coordinator"], devices, num_params,
@@ -475,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codecs", nargs="+", default=None, help="update codecs (default raw zstd; quick raw)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured coordinator rounds per layout first")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the per-stage CPU table (in-process, no broker)")
     p.add_argument("--json", help="also write the results here")
@@ -482,7 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     args.update_mib = args.update_mib or (8 if args.quick else 32)
     args.codecs = args.codecs or (["raw"] if args.quick else ["raw", "zstd"])
     args.repeats = args.repeats or (1 if args.quick else 3)
-    print(environment(), file=sys.stderr)
+    from fedsync.memtune import keep_freed_memory
+
+    # This process hosts the coordinator (and the baseline subscriber): tune its allocator as
+    # `fedsync coordinator` does. FEDSYNC_MALLOC=default measures glibc's defaults instead.
+    args.malloc_tuned = keep_freed_memory()
+    print(environment(), f"malloc tuned: {args.malloc_tuned}", file=sys.stderr)
     trials = run(args)
     result = report(trials, args)
     if args.breakdown:

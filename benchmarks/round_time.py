@@ -242,6 +242,10 @@ def coordinator_main(url: str, password: str, policy: dict, num_params: int, eve
     """Run a CoordinatorService until ``stop`` is set; report each RoundClosed and final stats on ``events``."""
     import logging
 
+    from fedsync.memtune import keep_freed_memory
+
+    keep_freed_memory()  # as `fedsync coordinator` does
+
     import numpy as np
 
     from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy

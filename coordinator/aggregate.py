@@ -65,7 +65,7 @@ class FedAvg:
         for i in range(0, total.size, step):
             part = total[i:i + step]
             tmp = scratch[:part.size]
-            np.multiply(delta[i:i + step], w, out=tmp, casting="unsafe")
+            np.multiply(delta[i:i + step], w, out=tmp, dtype=np.float64)  # the product in float64, too
             np.add(part, tmp, out=part)
         self._weight += w
         self.count += 1

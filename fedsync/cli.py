@@ -176,6 +176,9 @@ def cmd_broker_config(a: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(a: argparse.Namespace) -> int:
+    from fedsync.memtune import keep_freed_memory
+
+    keep_freed_memory()  # before numpy and the MQTT thread start: see fedsync/memtune.py
     import random
     import time
 
