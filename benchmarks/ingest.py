@@ -27,6 +27,13 @@ starts.
 Trials are interleaved (broker, coordinator, coordinator + journal, repeat)
 so that load from other users of the machine hits all three alike; the
 table shows medians and the ratio is median(coordinator) / median(broker).
+Each layout starts with ``--warmup`` unmeasured coordinator rounds (default
+1): a long-running coordinator's heap is warm, and the first round in a
+process pays ~64 page faults per 256 KiB shard that later rounds do not.
+
+The benchmark process calls :func:`fedsync.memtune.keep_freed_memory`, as
+``fedsync coordinator`` does; the baseline subscriber shares the process and
+so the setting. ``FEDSYNC_MALLOC=default`` measures glibc's defaults instead.
 
 Deltas are N(0, 1e-3) noise, which compresses worse than real training
 deltas (DESIGN.md): for ``zstd`` this is the pessimistic case for bytes on the

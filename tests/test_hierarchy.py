@@ -100,7 +100,7 @@ def test_two_edges_and_a_root_equal_one_flat_coordinator():
         for p in reversed(started):
             p.stop()
         shutil.rmtree(work, ignore_errors=True)
-    assert len(committed) == ROUNDS and all(e.accepted == ("edge-1", "edge-2") for e in committed)
+    assert len(committed) == ROUNDS and all(e.accepted == ("edge-1", "edge-2") for e in committed), [(e.round_id, e.outcome, e.reason, e.accepted) for e in root_closed if isinstance(e, RoundClosed)]
     assert root_core.stats.updates_accepted == 2 * ROUNDS  # one upload per edge per round, not per device
     assert (e1_updates, e2_updates) == (2 * ROUNDS, 2 * ROUNDS)
     total = sum(len(d.y_train) for d in data)
