@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fedsync.parallel import both
+
 
 def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """Reference (non-streaming) weighted mean, for tests and small callers.
@@ -53,22 +55,32 @@ class FedAvg:
         self._sum = np.zeros(num_params, dtype=np.float64)
         self._weight = 0.0
         self._scratch = np.empty(min(num_params, self.CHUNK), dtype=np.float64)
+        self._scratch2 = np.empty_like(self._scratch)  # the helper thread's
         self.weighted = weighted
         self.server_lr = server_lr
         self.count = 0
 
     def add(self, delta: np.ndarray, num_samples: float) -> None:
         w = float(num_samples) if self.weighted else 1.0
-        # In cache-sized steps through one small float64 scratch: no model-sized temporaries, and
-        # the sum is streamed once (20 bytes of memory traffic per value instead of 36).
-        step, total, scratch = self.CHUNK, self._sum, self._scratch
-        for i in range(0, total.size, step):
-            part = total[i:i + step]
-            tmp = scratch[:part.size]
-            np.multiply(delta[i:i + step], w, out=tmp, dtype=np.float64)  # the product in float64, too
-            np.add(part, tmp, out=part)
+        n = self._sum.size
+        if n >= 4 * self.CHUNK:  # two halves, one on a second core (numpy releases the GIL)
+            mid = (n // 2) // self.CHUNK * self.CHUNK
+            both(lambda: self._fold(delta, w, 0, mid, self._scratch),
+                 lambda: self._fold(delta, w, mid, n, self._scratch2))
+        else:
+            self._fold(delta, w, 0, n, self._scratch)
         self._weight += w
         self.count += 1
+
+    def _fold(self, delta: np.ndarray, w: float, lo: int, hi: int, scratch: np.ndarray) -> None:
+        # In cache-sized steps through a small float64 scratch: no model-sized temporaries, and
+        # the sum is streamed once (20 bytes of memory traffic per value instead of 36).
+        step, total = self.CHUNK, self._sum
+        for i in range(lo, hi, step):
+            part = total[i:min(i + step, hi)]
+            tmp = scratch[:part.size]
+            np.multiply(delta[i:i + part.size], w, out=tmp, dtype=np.float64)  # the product in float64, too
+            np.add(part, tmp, out=part)
 
     def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
         if self.count == 0:

@@ -27,12 +27,13 @@ import time
 from typing import Callable
 
 from coordinator.core import (Checkpoint, CoordinatorCore, DeviceOffline, JournalShard, RejectedInput, RoundClosed,
-                              RoundOpened)
+                              RoundOpened, check_shard)
 from coordinator.journal import Journal
 from fedsync.actions import Publish
 from fedsync.log import log_event
 from fedsync.messages import PeerStatus, encode
 from fedsync.mqtt import Credentials, MqttLink
+from fedsync.parallel import split_map
 
 log = logging.getLogger("fedsync.coordinator")
 
@@ -58,6 +59,7 @@ class CoordinatorService:
         self.on_event = on_event
         self.journal = Journal(state_dir) if state_dir else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._up_prefix = core.topics.root + "/up/"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         t = core.topics
@@ -111,6 +113,9 @@ class CoordinatorService:
                 pass
             actions: list = []
             tokens = []
+            # Decode and hash the batch's update shards first, half of them on a second core.
+            ups = [item[2] for item in batch if item[0] == "msg" and item[1].startswith(self._up_prefix)]
+            checks = iter(split_map(check_shard, ups))
             for item in batch:
                 now = self.clock()
                 if item[0] == "connect":
@@ -118,7 +123,8 @@ class CoordinatorService:
                 elif item[0] == "call":
                     actions += item[1](self.core, now)
                 else:
-                    actions += self.core.on_message(item[1], item[2], now)
+                    checked = next(checks) if item[1].startswith(self._up_prefix) else None
+                    actions += self.core.on_message(item[1], item[2], now, checked)
                     tokens.append(item[3])
             if self.started.is_set() and self.clock() >= next_tick:
                 actions += self.core.tick(self.clock())

@@ -269,3 +269,21 @@ def test_chunked_fedavg_equals_the_reference_mean(n, weights, seed):
     got = agg.finish(np.zeros(n, np.float32))
     want = weighted_mean(deltas, weights).astype(np.float32)
     assert np.array_equal(got, want)
+
+
+# -- the helper thread ------------------------------------------------------------------------------------
+
+def test_split_map_keeps_order_re_raises_and_nests():
+    from fedsync.parallel import both, split_map
+
+    assert split_map(lambda x: x + 1, list(range(101))) == list(range(1, 102))
+
+    def boom(x):
+        if x == 90:  # in the helper's half
+            raise ProtocolError("data", "codec", "bad shard")
+        return x
+
+    with pytest.raises(ProtocolError, match="bad shard"):
+        split_map(boom, list(range(100)))
+    # A job on the helper that itself splits work runs it inline instead of waiting on itself.
+    assert both(lambda: 1, lambda: split_map(lambda x: 2 * x, [1, 2, 3, 4, 5])) == (1, [2, 4, 6, 8, 10])
