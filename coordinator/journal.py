@@ -74,18 +74,13 @@ class Journal:
         self._log_path = self.dir / f"round-{manifest.round_id}.log"
         self._log = open(self._log_path, "ab")
         if self._log.tell() == 0:
-            self._append_record(["manifest", encode(manifest)])
+            self._append_record("manifest", encode(manifest))
             self.sync()
 
     def append(self, topic: str, payload: bytes) -> None:
         if self._log is None:
             raise RuntimeError("journal: no round is open")
-        # The same record as _append_record([topic, payload]), without copying the payload into it:
-        # a CBOR array head, the topic, a byte string head, then the payload written as it is.
-        head = b"\x82" + cbor2.dumps(topic) + _bytes_head(len(payload))
-        self._log.write(_LEN.pack(len(head) + len(payload)) + head)
-        self._log.write(payload)
-        self.records_written += 1
+        self._append_record(topic, payload)
 
     def sync(self) -> None:
         """Flush and fsync the round log: after this, everything appended is durable."""
@@ -99,9 +94,12 @@ class Journal:
             self._log.close()
             self._log = None
 
-    def _append_record(self, item: list) -> None:
-        data = cbor2.dumps(item)
-        self._log.write(_LEN.pack(len(data)) + data)  # type: ignore[union-attr]
+    def _append_record(self, topic: str, payload: bytes) -> None:
+        # The record is cbor2.dumps([topic, payload]) written without copying the payload into it:
+        # a CBOR array head, the topic, a byte string head, then the payload as it is.
+        head = b"\x82" + cbor2.dumps(topic) + _bytes_head(len(payload))
+        self._log.write(_LEN.pack(len(head) + len(payload)) + head)  # type: ignore[union-attr]
+        self._log.write(payload)  # type: ignore[union-attr]
         self.records_written += 1
 
     # -- reading ---------------------------------------------------------------

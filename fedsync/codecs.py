@@ -33,7 +33,7 @@ import zstandard
 from fedsync.errors import ProtocolError
 
 _FP16_MAX = 65504.0
-_LITTLE = sys.byteorder == "little"  # the in-place decoders view float32 memory as wire bytes
+_LITTLE = sys.byteorder == "little"  # zstd's in-place decoder writes wire byte planes into float32 memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +57,7 @@ class Codec:
     def decode_to(self, data: bytes, out: np.ndarray) -> None:
         """Decode ``data`` into ``out`` (a contiguous float32 slice of the expected length):
         what the coordinator does with every update shard, without an intermediate array."""
-        if self.decode_into is not None and _LITTLE:
+        if self.decode_into is not None:
             self.decode_into(data, out)
         else:
             out[...] = self.decode(data, out.size)
@@ -125,10 +125,12 @@ def _raw_encode(values: np.ndarray) -> bytes:
     return np.ascontiguousarray(values, dtype="<f4").tobytes()
 
 
-def _raw_decode(data: bytes, length: int) -> np.ndarray:
-    if len(data) != 4 * length:
-        raise ProtocolError("data", "size", f"{len(data)} bytes for {length} float32 values")
-    return _finite(np.frombuffer(data, dtype="<f4").astype(np.float32))
+def _into_new(decode_into: Callable[[bytes, np.ndarray], None]) -> Callable[[bytes, int], np.ndarray]:
+    def decode(data: bytes, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.float32)
+        decode_into(data, out)
+        return out
+    return decode
 
 
 def _raw_decode_into(data: bytes, out: np.ndarray) -> None:
@@ -140,19 +142,14 @@ def _raw_decode_into(data: bytes, out: np.ndarray) -> None:
 
 def _zstd_decode_into(data: bytes, out: np.ndarray) -> None:
     src = np.frombuffer(_zstd_decompress(data, 4 * out.size), dtype=np.uint8).reshape(4, -1)
-    planes = out.view(np.uint8).reshape(-1, 4)  # little-endian host: plane k is byte k of each float
+    planes = out.view(np.uint8).reshape(-1, 4)  # plane k holds byte k of each little-endian float
     for k in range(4):
-        planes[:, k] = src[k]
+        planes[:, k if _LITTLE else 3 - k] = src[k]
     _finite(out)
 
 
 def _zstd_encode(values: np.ndarray) -> bytes:
     return _zstd_compress(_shuffle(_raw_encode(values), 4))
-
-
-def _zstd_decode(data: bytes, length: int) -> np.ndarray:
-    raw = _unshuffle(_zstd_decompress(data, 4 * length), 4)
-    return _finite(np.frombuffer(raw, dtype="<f4").astype(np.float32))
 
 
 def _fp16_encode(values: np.ndarray) -> bytes:
@@ -176,8 +173,8 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-register(Codec("raw", _raw_encode, _raw_decode, lossless=True, decode_into=_raw_decode_into))
-register(Codec("zstd", _zstd_encode, _zstd_decode, lossless=True, decode_into=_zstd_decode_into))
+register(Codec("raw", _raw_encode, _into_new(_raw_decode_into), lossless=True, decode_into=_raw_decode_into))
+register(Codec("zstd", _zstd_encode, _into_new(_zstd_decode_into), lossless=True, decode_into=_zstd_decode_into))
 register(Codec("fp16", _fp16_encode, _fp16_decode, lossless=False,
                bound=lambda v: np.maximum(np.abs(v) * 2.0**-11, 2.0**-25)))
 
