@@ -22,7 +22,10 @@ rules, in the order they are checked:
 5. When the last shard of an update arrives the ordered shard digests must
    hash to ``update_digest``; then every shard is decoded with the round's
    codec. Any failure rejects the whole update (reason ``update_digest`` or
-   ``decode``) and forgets it, so the device can send a fresh one.
+   ``decode``) and forgets it, so the device can send a fresh one. (Dense
+   codecs, raw and zstd, are decoded as each shard arrives, on the helper
+   thread of :mod:`fedsync.parallel`; their errors are collected here, so the
+   outcome is the same.)
 
 Only a complete, verified update is returned (``complete`` with ``vector``),
 so nothing partial can reach the aggregate and nothing is counted twice.
@@ -30,14 +33,14 @@ so nothing partial can reach the aggregate and nothing is counted twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fedsync.codecs import get_codec
 from fedsync.errors import ProtocolError
 from fedsync.messages import UpdateShard
-from fedsync.parallel import split_map
+from fedsync.parallel import Pending, split_map, submit
 from fedsync.params import bitmap, check_shard_layout, digest, update_digest
 from fedsync.signing import signing_message
 
@@ -86,6 +89,8 @@ class _OpenUpdate:
     update_digest: bytes
     signature: bytes = b""
     shards: dict[int, UpdateShard] = field(default_factory=dict)
+    vector: np.ndarray | None = None  # eager decoding: the update's values, filled in as shards arrive
+    decoding: list[Pending] = field(default_factory=list)  # eager decodes still running or unchecked
 
 
 class ShardAssembler:
@@ -102,6 +107,9 @@ class ShardAssembler:
         self.verifier = verifier  # fedsync.signing verifier: every update must carry a valid signature
         self.federation = federation
         self._codec = get_codec(layout.codec)
+        # Codecs that decode in place into a dense vector (raw, zstd) are decoded as shards arrive;
+        # sparse ones (top-k, int8) wait for the whole update, so an open update stays small.
+        self._eager = self._codec.decode_into is not None
         self._open: dict[tuple[str, str], _OpenUpdate] = {}
         self._accepted: dict[str, str] = {}  # device -> accepted update id
         self._refused: set[str] = set()  # complete and verified, but refused by policy (norm bound, ...)
@@ -164,7 +172,10 @@ class ShardAssembler:
         if shard.index in op.shards:
             return ShardOutcome("duplicate", shard.device, shard.update_id, reason="shard_already_held",
                                 held=self.held(*key))
-        op.shards[shard.index] = shard
+        if self._eager:
+            self._decode_early(op, shard)
+        else:
+            op.shards[shard.index] = shard
         if len(op.shards) < self.layout.shard_count:
             return ShardOutcome("accepted", shard.device, shard.update_id, held=self.held(*key))
         return self._complete(key, op)
@@ -176,6 +187,18 @@ class ShardAssembler:
         except ValueError:
             return False
         return bool(op.signature) and self.verifier.verify(device, msg, op.signature)
+
+    def _decode_early(self, op: _OpenUpdate, shard: UpdateShard) -> None:
+        """Dense codecs: decode the shard now, on the helper thread, into the update's vector, and
+        keep the shard without its data. The service thread only waits for the decodes when the
+        update completes, and a 256 KiB payload is freed as soon as its values are in place, so
+        an open update holds about as much memory as before (its values instead of its bytes)."""
+        if op.vector is None:
+            op.vector = np.empty(self.layout.num_params, dtype=np.float32)
+        out = op.vector[shard.offset:shard.offset + shard.length]
+        data, codec = shard.data, self._codec
+        op.decoding.append(submit(lambda: codec.decode_to(data, out)))
+        op.shards[shard.index] = replace(shard, data=b"")
 
     def _check_layout(self, s: UpdateShard) -> None:
         lay = self.layout
@@ -200,10 +223,15 @@ class ShardAssembler:
         if self.verifier is not None and not self._signed(device, update_id, op):
             # Verified before the update is accepted: a forgery cannot block the device's genuine update.
             return ShardOutcome("rejected", device, update_id, reason="signature", held=b"")
-        vector = np.empty(self.layout.num_params, dtype=np.float32)
         try:
-            # zstd and numpy copies release the GIL: half the shards decode on a second core.
-            split_map(lambda s: self._codec.decode_to(s.data, vector[s.offset:s.offset + s.length]), ordered)
+            if op.vector is not None:
+                vector = op.vector
+                for job in op.decoding:
+                    job.wait()
+            else:
+                vector = np.empty(self.layout.num_params, dtype=np.float32)
+                # zstd and numpy copies release the GIL: half the shards decode on a second core.
+                split_map(lambda s: self._codec.decode_to(s.data, vector[s.offset:s.offset + s.length]), ordered)
         except ProtocolError as err:
             return ShardOutcome("rejected", device, update_id, reason=f"decode_{err.reason}", held=b"")
         self._accepted[device] = update_id

@@ -51,6 +51,36 @@ class _Helper:
 _HELPER = _Helper()
 
 
+class Pending:
+    """A job handed to the helper thread; :meth:`wait` returns its result or raises its error."""
+
+    __slots__ = ("_done", "_outcome")
+
+    def __init__(self, done: queue.SimpleQueue) -> None:
+        self._done = done
+        self._outcome: tuple[bool, object] | None = None
+
+    def wait(self) -> object:
+        if self._outcome is None:
+            self._outcome = self._done.get()
+        ok, value = self._outcome
+        if not ok:
+            raise value  # type: ignore[misc]
+        return value
+
+
+def submit(fn: Callable[[], R]) -> Pending:
+    """Start ``fn()`` on the helper thread (inline if this is the helper) and return at once."""
+    if threading.current_thread().name == _HELPER_NAME:
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            done.put((True, fn()))
+        except Exception as exc:  # noqa: BLE001 - handed back through wait()
+            done.put((False, exc))
+        return Pending(done)
+    return Pending(_HELPER.submit(fn))
+
+
 def both(first: Callable[[], T], second: Callable[[], R]) -> tuple[T, R]:
     """``(first(), second())`` with ``second`` on the helper thread.
 
