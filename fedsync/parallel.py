@@ -69,15 +69,20 @@ class Pending:
         return value
 
 
+def run_here(fn: Callable[[], R]) -> Pending:
+    """Run ``fn()`` now, in this thread, keeping its result or error for :meth:`Pending.wait`."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        done.put((True, fn()))
+    except Exception as exc:  # noqa: BLE001 - handed back through wait()
+        done.put((False, exc))
+    return Pending(done)
+
+
 def submit(fn: Callable[[], R]) -> Pending:
     """Start ``fn()`` on the helper thread (inline if this is the helper) and return at once."""
     if threading.current_thread().name == _HELPER_NAME:
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        try:
-            done.put((True, fn()))
-        except Exception as exc:  # noqa: BLE001 - handed back through wait()
-            done.put((False, exc))
-        return Pending(done)
+        return run_here(fn)
     return Pending(_HELPER.submit(fn))
 
 
