@@ -22,6 +22,8 @@ over the faulty links, as in the field.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import math
 import threading
@@ -212,42 +214,42 @@ def _plots(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    @contextmanager
+    def figure(name: str):
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        yield ax
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
     rows = [r for r in report["rounds"] if r["outcome"] == "committed"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ref = report["fault_free_accuracy"]
-    ax.plot(range(1, len(ref) + 1), ref, marker="o", label="fault-free")
-    ax.plot(range(1, len(rows) + 1), [r["accuracy"] for r in rows], marker="x",
-            label=f"{report['summary']['profile']} + crashes")
-    ax.set_xlabel("committed round")
-    ax.set_ylabel("test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+    with figure("accuracy.png") as ax:
+        ref = report["fault_free_accuracy"]
+        ax.plot(range(1, len(ref) + 1), ref, marker="o", label="fault-free")
+        ax.plot(range(1, len(rows) + 1), [r["accuracy"] for r in rows], marker="x",
+                label=f"{report['summary']['profile']} + crashes")
+        ax.set_xlabel("committed round")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    idx = range(1, len(report["rounds"]) + 1)
-    ax.bar([i - 0.2 for i in idx], [r["bytes_up"] / 1024 for r in report["rounds"]], width=0.4, label="up (KiB)")
-    ax.bar([i + 0.2 for i in idx], [r["bytes_down"] / 1024 for r in report["rounds"]], width=0.4, label="down (KiB)")
-    ax.set_xlabel("round (in order closed)")
-    ax.set_ylabel("KiB")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=110)
-    plt.close(fig)
+    with figure("bytes.png") as ax:
+        idx = range(1, len(report["rounds"]) + 1)
+        ax.bar([i - 0.2 for i in idx], [r["bytes_up"] / 1024 for r in report["rounds"]], width=0.4, label="up (KiB)")
+        ax.bar([i + 0.2 for i in idx], [r["bytes_down"] / 1024 for r in report["rounds"]], width=0.4,
+               label="down (KiB)")
+        ax.set_xlabel("round (in order closed)")
+        ax.set_ylabel("KiB")
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    if report["online"]:
-        t, n = zip(*report["online"])
-        ax.step(t, n, where="post", label="devices online (coordinator's view)")
-    for e in report["events"]:
-        ax.axvline(e["at"], color="red" if "killed" in e["event"] else "green", alpha=0.3, linewidth=1)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("devices online")
-    ax.set_title("red: kills, green: restarts", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "online.png", dpi=110)
-    plt.close(fig)
+    with figure("online.png") as ax:
+        if report["online"]:
+            t, n = zip(*report["online"])
+            ax.step(t, n, where="post", label="devices online (coordinator's view)")
+        for e in report["events"]:
+            ax.axvline(e["at"], color="red" if "killed" in e["event"] else "green", alpha=0.3, linewidth=1)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("devices online")
+        ax.set_title("red: kills, green: restarts", fontsize=9)
 
 
 def _print(console, report: dict, out: Path) -> None:

@@ -20,7 +20,7 @@ from coordinator.core import RoundPolicy
 from coordinator.federation import LocalFederation
 from fedsync.messages import UpdateShard, decode, encode
 from fedsync.topics import Topics
-from tests.util import wait_until
+from tests.util import run_federation, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -150,10 +150,5 @@ def test_signed_federation_over_the_broker(broker, broker_users):
     keys = {f"dev-{i}": bytes([i + 7]) * 32 for i in range(3)}
     fed = federation(broker, broker_users, n=3, signing_keys=keys,
                      policy=RoundPolicy(rounds=2, target=3, quorum=3, min_devices=3))
-    fed.start()
-    try:
-        assert fed.wait(30)
-        s = fed.summary()
-    finally:
-        fed.stop()
+    s = run_federation(fed, 30)
     assert (s["updates_accepted"], s["shards_rejected"], s["rounds_completed"]) == (6, 0, 2)

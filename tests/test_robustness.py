@@ -7,6 +7,7 @@ import pytest
 from coordinator.core import RoundPolicy
 from coordinator.federation import LocalFederation
 from coordinator.strategies import make_strategy_factory
+from tests.util import run_federation
 
 pytestmark = pytest.mark.broker
 
@@ -18,12 +19,7 @@ def run(broker, users, strategy: str, options: dict, byzantine=BYZANTINE) -> flo
     fed = LocalFederation(broker.url, users, n_devices=10, seed=4, byzantine=byzantine,
                           policy=RoundPolicy(rounds=ROUNDS, target=10, quorum=10, min_devices=10, round_timeout=60),
                           strategy_factory=make_strategy_factory(strategy, 610, options))
-    fed.start()
-    try:
-        assert fed.wait(90), f"{strategy}: rounds did not commit"
-        s = fed.summary()
-    finally:
-        fed.stop()
+    s = run_federation(fed, 90, f"{strategy}: the rounds to commit")
     assert s["rounds_completed"] == ROUNDS and s["updates_accepted"] == 10 * ROUNDS
     return s["final_accuracy"]
 

@@ -42,7 +42,7 @@ from fedsync.codecs import get_codec
 from fedsync.messages import MAX_PARAMS, MAX_SHARDS, RoundManifest, UpdateShard, decode, encode
 from fedsync.params import digest, shard_slices, update_digest
 from fedsync.topics import Topics
-from tests.util import wait_until
+from tests.util import run_federation, wait_until
 
 needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
 TOPICS = Topics("demo")
@@ -415,12 +415,7 @@ def test_amqtt_with_the_acl_runs_a_full_round(amqtt_acl):
     users = {u: AMQTT_USERS[u] for u in ["coordinator", *DEVICES[:3]]}
     fed = LocalFederation(amqtt_acl.url, users, n_devices=3, seed=3,
                           policy=RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3, round_timeout=60.0))
-    fed.start()
-    try:
-        assert fed.wait(30)
-        s = fed.summary()
-    finally:
-        fed.stop()
+    s = run_federation(fed, 30)
     assert (s["rounds_completed"], s["updates_accepted"], s["duplicates_dropped"], s["shards_rejected"]) == (1, 3, 0, 0)
 
 
