@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 :data:`GRANTS` is the whole policy, as data: for each role, the topics it may read
-(subscribe to and receive) and write (publish to). ``{fed}`` is the federation and
+(subscribe to and receive) and write (publish to). It is derived from the topic tree,
+:data:`fedsync.topics.TOPIC_TABLE`, so a topic cannot be added without its grants. ``{fed}`` is the federation and
 ``{user}`` the MQTT user name, which for a device is also its client id and its device
 id (DESIGN.md: "the device id in a topic must match the MQTT client id / user"). Two
 renderers turn the table into broker configuration:
@@ -37,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fedsync.topics import check_name
+from fedsync.topics import TOPIC_TABLE, check_name
 
 COORDINATOR = "coordinator"
 MONITOR = "monitor"
@@ -50,29 +51,27 @@ class Grant:
     topic: str  # may contain {fed}, {user} and MQTT wildcards
 
 
-GRANTS: dict[str, tuple[Grant, ...]] = {
-    "coordinator": (
-        Grant("read", "fedsync/+/up/#"),
-        Grant("read", "fedsync/+/status/+"),
-        Grant("write", "fedsync/+/manifest"),
-        Grant("write", "fedsync/+/model/#"),
-        Grant("write", "fedsync/+/ack/+"),
-        Grant("write", "fedsync/+/coordinator/status"),
-    ),
-    "device": (
-        Grant("write", "fedsync/{fed}/up/{user}/#"),
-        Grant("write", "fedsync/{fed}/status/{user}"),
-        Grant("read", "fedsync/{fed}/manifest"),
-        Grant("read", "fedsync/{fed}/model/#"),
-        Grant("read", "fedsync/{fed}/ack/{user}"),
-        Grant("read", "fedsync/{fed}/coordinator/status"),
-    ),
-    "monitor": (
-        Grant("read", "fedsync/{fed}/manifest"),
-        Grant("read", "fedsync/{fed}/status/+"),
-        Grant("read", "fedsync/{fed}/coordinator/status"),
-    ),
-}
+def _grants_of(role: str) -> tuple[Grant, ...]:
+    """What ``role`` may do, derived from :data:`fedsync.topics.TOPIC_TABLE`.
+
+    A device's rules name its own id (``{user}``); the coordinator's and the monitor's
+    cover every device (``+``), and a ``+/#`` tail collapses to ``#`` because that is
+    the filter they subscribe with (mosquitto checks a SUBSCRIBE filter against the
+    ACL level by level, so ``up/#`` is not covered by ``up/+/#``). The coordinator's
+    federation level is ``+`` as well: one account may serve several federations."""
+    fed = "+" if role == COORDINATOR else "{fed}"
+    device = "{user}" if role == "device" else "+"
+    out = []
+    for rule in TOPIC_TABLE:
+        topic = f"fedsync/{fed}/" + rule.filter.replace("{device}", device).replace("+/#", "#")
+        if rule.writer == role:
+            out.append(Grant("write", topic))
+        if role in rule.readers:
+            out.append(Grant("read", topic))
+    return tuple(out)
+
+
+GRANTS: dict[str, tuple[Grant, ...]] = {role: _grants_of(role) for role in ("coordinator", "device", "monitor")}
 
 
 def check_devices(devices: Iterable[str]) -> list[str]:
@@ -149,3 +148,26 @@ def amqtt_acl(federation: str, devices: Sequence[str]) -> dict[str, dict[str, li
         out["subscribe-acl"][user] = read
         out["receive-acl"][user] = read
     return out
+
+
+def covers(grant: str, wanted: str) -> bool:
+    """Whether an ACL topic ``grant`` allows ``wanted`` (a topic, or a subscription filter),
+    level by level as mosquitto checks it: ``+`` in the grant takes any one level (a
+    ``+`` in ``wanted`` included), ``#`` the rest; a wildcard in ``wanted`` needs one in
+    the grant.
+
+    >>> covers("fedsync/+/up/#", "fedsync/demo/up/#"), covers("fedsync/d/model/#", "fedsync/d/modeldelta/1/2/+")
+    (True, False)
+    """
+    g, w = grant.split("/"), wanted.split("/")
+    for i, level in enumerate(g):
+        if level == "#":
+            return True
+        if i >= len(w) or w[i] == "#" or (level != "+" and level != w[i]):
+            return False
+    return len(g) == len(w)
+
+
+def allowed(role: str, federation: str, user: str, access: str, wanted: str) -> bool:
+    """Whether account ``user`` (of ``role``) may ``access`` ("read"/"write") ``wanted``."""
+    return any(g.access == access and covers(g.topic, wanted) for g in rules(role, federation, user))

@@ -22,7 +22,7 @@ Round state machine (one round at a time; see docs/protocol.md):
 =========  ==========================================  ===========  ==========================================
 state      event / guard                               next         actions
 =========  ==========================================  ===========  ==========================================
-waiting    tick, online >= min_devices                 open         select devices, publish manifest(open)
+waiting    tick, online >= max(min_devices, quorum)    open         select devices, publish manifest(open)
 open       update complete, accepted >= target         waiting      commit: aggregate, publish model v+1,
                                                                     manifest, clear model v
 open       device offline or update complete,          waiting      commit (no one alive left to wait for)
@@ -425,8 +425,8 @@ class CoordinatorCore:
         if p.rounds and self.stats.rounds_committed >= p.rounds:
             self.finished = True
             return [self._manifest_publish(self._idle_manifest(now, "finished"))]
-        if len(self.online) < max(1, p.min_devices):
-            return []
+        if len(self.online) < max(1, p.min_devices, p.quorum):
+            return []  # quorum is a floor for opening too: a round that cannot commit is not started
         candidates = sorted(self.online)
         k = min(len(candidates), math.ceil(p.target * (1.0 + p.over_select)))
         if p.mode in ("async", "semisync"):

@@ -15,6 +15,34 @@ from fedsync.errors import ProtocolError
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+@dataclass(frozen=True, slots=True)
+class TopicRule:
+    """One row of the topic tree: who writes it, who reads it, how it is published.
+
+    ``filter`` is relative to ``fedsync/{federation}/`` and is the widest filter any
+    reader subscribes with; ``{device}`` stands for one device id."""
+
+    filter: str
+    writer: str  # "coordinator" | "device"
+    readers: tuple[str, ...]  # roles: "coordinator", "device", "monitor"
+    delivery: str  # QoS and retain, as the README's topic tree shows it
+
+
+# The whole topic tree. The broker ACLs (broker_config/acl.py) are rendered from this table
+# and tests check every topic the cores publish or subscribe to against it, so a topic added
+# to ``Topics`` without a row here fails the suite instead of being dropped by the broker.
+TOPIC_TABLE: tuple[TopicRule, ...] = (
+    TopicRule("manifest", "coordinator", ("device", "monitor"), "retained, QoS 1"),
+    TopicRule("model/#", "coordinator", ("device",), "retained, QoS 1"),
+    TopicRule("modeldelta/#", "coordinator", ("device",), "retained, QoS 1"),
+    TopicRule("up/{device}/#", "device", ("coordinator",), "QoS 1 or 2"),
+    TopicRule("ack/{device}", "coordinator", ("device",), "retained, QoS 1"),
+    TopicRule("status/{device}", "device", ("coordinator", "monitor"), "retained, QoS 1; last will"),
+    TopicRule("coordinator/status", "coordinator", ("coordinator", "device", "monitor"),
+              "retained, QoS 1; last will"),
+)
+
+
 def check_name(field: str, value: str) -> str:
     """Return ``value`` if it is a valid device id / federation name."""
     if not isinstance(value, str) or not _NAME.match(value):
