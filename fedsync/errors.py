@@ -25,3 +25,17 @@ class ProtocolError(ValueError):
         if detail:
             text += f" ({detail})"
         super().__init__(text)
+
+
+class EncodeError(RuntimeError):
+    """A message this process built does not follow the wire contract.
+
+    Not bad input: our own state or configuration is wrong, so it is an internal error
+    that ends the service loudly (supervision restarts it, the broker fires its last
+    will) instead of being counted as a rejected message. Wraps the validator's
+    :class:`ProtocolError`, which names the field."""
+
+    def __init__(self, kind: str, err: ProtocolError) -> None:
+        self.kind = kind
+        self.error = err
+        super().__init__(f"cannot encode our own {kind}: {err}")

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 import cbor2
 
 from fedsync import cborview
-from fedsync.errors import ProtocolError
+from fedsync.errors import EncodeError, ProtocolError
 from fedsync.topics import check_name
 
 SCHEMA = 1
@@ -383,15 +383,20 @@ _LAYOUTS: dict[type, tuple[tuple[str, bool, Validator], ...]] = {}
 
 def encode(msg: _Message) -> bytes:
     """Encode a message as a CBOR map. Validates first, so nothing invalid leaves: every
-    field goes through the decoder's own validator in the form it is written in."""
+    field goes through the decoder's own validator in the form it is written in. An
+    invalid message raises :class:`fedsync.errors.EncodeError` (an internal error, never
+    counted as bad input)."""
     body: dict[str, Any] = {"v": SCHEMA, "t": msg.KIND}
-    for name, _, check in _layout(type(msg)):
-        body[name] = value = _to_cbor(getattr(msg, name))
-        check(name, value)
-    msg._check()
+    try:
+        for name, _, check in _layout(type(msg)):
+            body[name] = value = _to_cbor(getattr(msg, name))
+            check(name, value)
+        msg._check()
+    except ProtocolError as err:
+        raise EncodeError(msg.KIND, err) from err
     out = cbor2.dumps(body)
     if len(out) > MAX_PAYLOAD:
-        raise ProtocolError("payload", "size", f"{len(out)} bytes > {MAX_PAYLOAD}")
+        raise EncodeError(msg.KIND, ProtocolError("payload", "size", f"{len(out)} bytes > {MAX_PAYLOAD}"))
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -89,6 +90,43 @@ class Backoff:
         self.attempt = 0
 
 
+def describe_connect_error(exc: BaseException, address: "BrokerAddress", ca_file: str | None) -> tuple[str, str]:
+    """``(kind, detail)`` of a failed connection attempt, in words an operator can act on."""
+    where = f"{address.host}:{address.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls_verify", f"{where}: broker certificate not trusted ({exc.verify_message}; CA file {ca_file or 'system default'})"
+    if isinstance(exc, ssl.SSLError):
+        return "tls", f"{where}: TLS handshake failed ({exc.reason or exc}); is the port a TLS listener?"
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"cannot resolve host {address.host!r} ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", f"{where}: connection refused (nothing listening?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timeout", f"{where}: no answer (timed out)"
+    return "network", f"{where}: {exc}"
+
+
+class _Trouble:
+    """Logs connection trouble at WARNING on the first failure and then with backoff
+    (the 2nd, 4th, 8th ... consecutive failure), so a stalled device says why without
+    flooding the log; the first success after trouble is logged at INFO."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.failures = 0
+
+    def failed(self, kind: str, detail: str, retry_in: float) -> None:
+        self.failures += 1
+        level = logging.WARNING if self.failures & (self.failures - 1) == 0 else logging.DEBUG
+        log_event(log, "connect_failed", level, client=self.client_id, kind=kind, detail=detail,
+                  failures=self.failures, retry_in=retry_in)
+
+    def recovered(self) -> None:
+        if self.failures:
+            log_event(log, "connected_after_failures", client=self.client_id, failures=self.failures)
+        self.failures = 0
+
+
 class MqttLink:
     """A persistent, self-reconnecting MQTT connection for one client id.
 
@@ -101,12 +139,19 @@ class MqttLink:
                  will: tuple[str, bytes, int, bool] | None = None,
                  credentials: Credentials = Credentials(), keepalive: int = 15,
                  clean_session: bool = False, max_inflight: int = 32,
-                 backoff: Backoff | None = None, manual_ack: bool = False) -> None:
+                 backoff: Backoff | None = None, manual_ack: bool = False,
+                 on_disconnect: Callable[[], None] | None = None) -> None:
         self.client_id = client_id
         self.address = BrokerAddress.parse(broker)
         self.keepalive = keepalive
         self._on_message = on_message
         self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._ca_file = credentials.ca_file
+        self._trouble = _Trouble(client_id)
+        # Set: do not reconnect after the connection drops (a coordinator that was just
+        # told another one owns the session must not take it back; see coordinator/service.py).
+        self.hold_reconnect = threading.Event()
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -222,6 +267,9 @@ class MqttLink:
         first = True
         while not self._stop.is_set():
             if not self._is_open():
+                if self.hold_reconnect.is_set():
+                    self._stop.wait(0.05)
+                    continue
                 try:
                     if first:
                         self.client.connect(self.address.host, self.address.port, self.keepalive)
@@ -230,14 +278,19 @@ class MqttLink:
                         self.client.reconnect()
                 except (OSError, ssl.SSLError) as exc:
                     delay = self._backoff.next()
-                    log_event(log, "connect_failed", logging.DEBUG, client=self.client_id, error=exc, retry_in=delay)
+                    self._trouble.failed(*describe_connect_error(exc, self.address, self._ca_file), delay)
                     self._stop.wait(delay)
                     continue
+            was_connected = self.connected.is_set()
             rc = self.client.loop(timeout=0.1)
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 self.connected.clear()
                 delay = self._backoff.next()
-                log_event(log, "link_down", logging.DEBUG, client=self.client_id, rc=rc, retry_in=delay)
+                if was_connected:
+                    log_event(log, "connection_lost", logging.WARNING, client=self.client_id,
+                              error=paho.error_string(rc), retry_in=delay)
+                elif rc != paho.MQTT_ERR_CONN_REFUSED:  # a refusal was logged by _handle_connect
+                    self._trouble.failed("network", paho.error_string(rc), delay)
                 self._stop.wait(delay)
 
     def _is_open(self) -> bool:
@@ -248,21 +301,27 @@ class MqttLink:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.last_refusal = str(reason_code)
-            log_event(log, "connect_refused", logging.WARNING, client=self.client_id, reason=reason_code)
+            kind = "auth" if reason_code.value in (4, 5, 134, 135) else "refused_by_broker"
+            self._trouble.failed(kind, f"{self.address.host}:{self.address.port} refused the login of "
+                                       f"{self.client_id!r}: {reason_code}", 0.0)
             return
         self.connects += 1
         self._backoff.reset()
+        self._trouble.recovered()
         with self._lock:
             subs = list(self._subs.items())
         for topic_filter, qos in subs:
             client.subscribe(topic_filter, qos)
         self.connected.set()
-        log_event(log, "connected", logging.DEBUG, client=self.client_id, session_present=flags.session_present)
+        log_event(log, "connected", logging.INFO if self.connects == 1 else logging.DEBUG, client=self.client_id,
+                  broker=f"{self.address.host}:{self.address.port}", session_present=flags.session_present)
         if self._on_connect is not None:
             self._guard(self._on_connect, bool(flags.session_present))
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if self._on_disconnect is not None:
+            self._guard(self._on_disconnect)
 
     def _handle_message(self, client, userdata, msg) -> None:
         token = (msg.mid, msg.qos) if self.manual_ack else None
