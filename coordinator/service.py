@@ -16,6 +16,24 @@ in this order:
 On the first connection the service recovers from its journal (if it has a
 ``state_dir``); on a reconnect to a broker that lost our session (restart
 without persistence, or amqtt) it republishes its retained state.
+
+One coordinator per federation. Every connection starts behind an ownership
+gate: nothing is fed to the core, acknowledged or published until the service
+has read the retained ``coordinator/status``. It knows it has seen it (or
+that there is none) when its probe, a message to itself published after the
+subscription, comes back. Own incarnation, ``offline`` or nothing: go on.
+Another incarnation ``online``: at start-up this is a rival, unless the
+operator passed ``takeover``. A live rival shows itself by reconnecting, which
+kicks us off its session (mosquitto and amqtt fire no will on such a
+takeover, so the retained status stays ``online``); we then stand down with
+the broker told DISCONNECT and never reconnect. No kick within
+``LIVENESS_WAIT`` means the status is stale (a peer frozen before its will
+fired) and we go on. Seen on a reconnect while running, another incarnation
+means we were taken over: stand down the same way, publishing nothing.
+
+Supervision: an exception escaping the loop is logged with its traceback, the
+socket is dropped without DISCONNECT (so the broker fires the last will), and
+``done`` is set with ``failed`` holding the error; the CLI exits non-zero.
 """
 
 from __future__ import annotations
@@ -24,20 +42,44 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable
 
 from coordinator.core import (Checkpoint, CoordinatorCore, DeviceOffline, JournalShard, RejectedInput, RoundClosed,
                               RoundOpened, check_shard)
 from coordinator.journal import Journal
 from fedsync.actions import Publish
+from fedsync.errors import ProtocolError
 from fedsync.log import log_event
-from fedsync.messages import PeerStatus, encode
+from fedsync.messages import PeerStatus, decode, encode
 from fedsync.mqtt import Credentials, MqttLink
 from fedsync.parallel import split_map
 
 log = logging.getLogger("fedsync.coordinator")
 
 EventHandler = Callable[[object], None]
+
+PROBE_WAIT = 3.0  # seconds to wait for our probe to come back before deciding without it
+LIVENESS_WAIT = 3.0  # seconds a live rival needs to reconnect (its backoff starts at <= 0.2 s)
+
+
+def describe_incarnation(status: PeerStatus) -> str:
+    """``incarnation N, started <UTC time>``: a coordinator's incarnation is its start time in ns."""
+    started = datetime.fromtimestamp(status.incarnation / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"incarnation {status.incarnation}, started {started}"
+
+
+@dataclass(slots=True)
+class _Gate:
+    """One connection's ownership check (see the module docstring)."""
+
+    session_present: bool
+    deadline: float
+    probe_back: bool = False
+    status: PeerStatus | None = None
+    rival_until: float | None = None  # waiting this long for a live rival to kick us off
+    held: list = field(default_factory=list)
 
 
 class CoordinatorService:
@@ -52,7 +94,7 @@ class CoordinatorService:
     def __init__(self, core: CoordinatorCore, broker: str, *, credentials: Credentials = Credentials(),
                  client_id: str = "coordinator", keepalive: int = 15, tick_interval: float = 0.1,
                  on_event: EventHandler | None = None, state_dir: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, takeover: bool = False) -> None:
         self.core = core
         self.clock = clock
         self.tick_interval = tick_interval
@@ -65,11 +107,18 @@ class CoordinatorService:
         t = core.topics
         will = (t.coordinator_status, encode(PeerStatus("coordinator", "offline", core.incarnation)), 1, True)
         self.link = MqttLink(client_id, broker, on_message=self._enqueue, on_connect=self._connected,
-                             will=will, credentials=credentials, keepalive=keepalive, manual_ack=True)
+                             will=will, credentials=credentials, keepalive=keepalive, manual_ack=True,
+                             on_disconnect=lambda: self._inbox.put(("disconnect",)))
+        self.link.subscribe(t.coordinator_status, 1)  # first: its retained message comes before the probe's echo
+        self.link.subscribe(t.coordinator_probe, 1)
         self.link.subscribe(t.up_filter, 2)  # granted QoS caps delivery: 2 keeps the sender's QoS 1 or 2
         self.link.subscribe(t.status_filter, 1)
         self.started = threading.Event()
-        self.recovered_shards = 0
+        self.takeover = takeover
+        self._gate: _Gate | None = None
+        self.done = threading.Event()  # the loop has ended: stopped, failed or stood down
+        self.failed: BaseException | None = None  # an internal error that ended the loop
+        self.conflict: str | None = None  # why this coordinator stood down for another one
 
     def _enqueue(self, topic: str, payload: bytes, token) -> None:
         self._inbox.put(("msg", topic, payload, token))
@@ -93,6 +142,8 @@ class CoordinatorService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self.conflict is not None or self.failed is not None:
+            return  # the loop already left the broker as it had to
         if graceful and self.link.connected.is_set():
             t = self.core.topics
             self.link.publish(t.coordinator_status, encode(PeerStatus("coordinator", "offline", self.core.incarnation)), 1, True)
@@ -101,37 +152,131 @@ class CoordinatorService:
             self.journal.close()
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - supervision: log, let the will fire, end loudly
+            self.failed = exc
+            log.exception("coordinator_failed error=%s", type(exc).__name__)
+            self.link.hold_reconnect.set()
+            self.link.stop(disconnect=False)
+        finally:
+            self.done.set()
+
+    def _loop(self) -> None:
         self.link.start()
         next_tick = self.clock()
         while not self._stop.is_set():
             batch = []
             try:
-                batch.append(self._inbox.get(timeout=max(0.0, next_tick - self.clock())))
+                batch.append(self._inbox.get(timeout=max(0.0, min(next_tick - self.clock(), 0.1))))
                 while len(batch) < 512:
                     batch.append(self._inbox.get_nowait())
             except queue.Empty:
                 pass
-            actions: list = []
-            tokens = []
-            # Decode and hash the batch's update shards first, half of them on a second core.
-            ups = [item[2] for item in batch if item[0] == "msg" and item[1].startswith(self._up_prefix)]
-            checks = iter(split_map(check_shard, ups))
-            for item in batch:
-                now = self.clock()
-                if item[0] == "connect":
-                    actions += self._on_connect(item[1], now)
-                elif item[0] == "call":
-                    actions += item[1](self.core, now)
-                else:
-                    checked = next(checks) if item[1].startswith(self._up_prefix) else None
-                    actions += self.core.on_message(item[1], item[2], now, checked)
-                    tokens.append(item[3])
-            if self.started.is_set() and self.clock() >= next_tick:
-                actions += self.core.tick(self.clock())
+            self._process(batch)
+            if self._gate is not None:
+                held = self._check_gate(self.clock())
+                if held:
+                    self._process(held)
+            elif self.started.is_set() and self.clock() >= next_tick:
+                self._execute(self.core.tick(self.clock()), [])
                 next_tick = self.clock() + self.tick_interval
             elif self.clock() >= next_tick:
                 next_tick = self.clock() + self.tick_interval
-            self._execute(actions, tokens)
+
+    def _process(self, batch: list) -> None:
+        actions: list = []
+        tokens = []
+        # Decode and hash the batch's update shards first, half of them on a second core.
+        ups = [i for i, item in enumerate(batch) if item[0] == "msg" and item[1].startswith(self._up_prefix)]
+        checks = dict(zip(ups, split_map(check_shard, [batch[i][2] for i in ups]))) if self._gate is None else {}
+        t = self.core.topics
+        for i, item in enumerate(batch):
+            now = self.clock()
+            kind = item[0]
+            if kind == "connect":
+                self._gate = _Gate(item[1], now + PROBE_WAIT)
+                self.link.publish(t.coordinator_probe, str(self.core.incarnation).encode(), 1, False)
+            elif kind == "disconnect":
+                self._on_disconnect()
+            elif kind == "call":
+                actions += item[1](self.core, now)
+            elif item[1] in (t.coordinator_status, t.coordinator_probe):
+                tokens.append(item[3])
+                self._on_ownership_message(item[1], item[2], now)
+            elif self._gate is not None:
+                self._gate.held.append(item)
+            else:
+                actions += self.core.on_message(item[1], item[2], now, checks.get(i))
+                tokens.append(item[3])
+            if self._stop.is_set():
+                return  # stood down: acknowledge and publish nothing more
+            if self._gate is not None:
+                held = self._check_gate(now)
+                if held is not None:
+                    # The gate opened mid-batch: what came before, then the held messages, in order.
+                    self._execute(actions, tokens)
+                    return self._process(held + batch[i + 1:])
+        self._execute(actions, tokens)
+
+    # -- ownership (one coordinator per federation) --------------------------------------
+
+    def _on_ownership_message(self, topic: str, payload: bytes, now: float) -> None:
+        g = self._gate
+        if topic == self.core.topics.coordinator_probe:
+            if g is not None and payload == str(self.core.incarnation).encode():
+                g.probe_back = True
+            return
+        try:
+            status = decode(payload, PeerStatus) if payload else None
+        except ProtocolError:
+            status = None  # not a coordinator's status: nothing to defer to
+        if g is not None:
+            g.status = status
+        elif status is not None and self._is_rival(status):
+            self._stand_down(f"replaced by another coordinator of federation {self.core.topics.federation!r} "
+                             f"({describe_incarnation(status)}) that took over; standing down", status)
+
+    def _is_rival(self, status: PeerStatus) -> bool:
+        return status.state == "online" and status.incarnation != self.core.incarnation
+
+    def _check_gate(self, now: float) -> list | None:
+        """Decide the open gate if its evidence is in: the messages it held once it opens, else None."""
+        g = self._gate
+        assert g is not None
+        if g.rival_until is not None:
+            if now < g.rival_until:
+                return None
+            log_event(log, "stale_coordinator_status", logging.WARNING, other=describe_incarnation(g.status),
+                      note=f"no live coordinator kicked us within {LIVENESS_WAIT:g} s; taking over")
+        elif not g.probe_back and now < g.deadline:
+            return None
+        elif g.status is not None and self._is_rival(g.status):
+            if self.started.is_set():
+                self._stand_down(f"replaced by another coordinator of federation {self.core.topics.federation!r} "
+                                 f"({describe_incarnation(g.status)}) that took over; standing down", g.status)
+                return None
+            if not self.takeover:
+                g.rival_until = now + LIVENESS_WAIT
+                return None
+            log_event(log, "taking_over", logging.WARNING, other=describe_incarnation(g.status))
+        self._gate = None
+        self._execute(self._on_connect(g.session_present, now), [])
+        return g.held
+
+    def _on_disconnect(self) -> None:
+        g = self._gate
+        if g is not None and g.rival_until is not None:
+            # The rival took its session back: it is alive. Never reconnect to fight it.
+            self._stand_down(f"another coordinator is running on federation {self.core.topics.federation!r} "
+                             f"({describe_incarnation(g.status)}); stop it first, or pass --takeover", g.status)
+
+    def _stand_down(self, message: str, other: PeerStatus) -> None:
+        self.link.hold_reconnect.set()
+        self.conflict = message
+        log_event(log, "standing_down", logging.DEBUG, other=other.incarnation, note=message)  # the CLI prints it
+        self._stop.set()
+        self.link.stop(disconnect=True)  # DISCONNECT: no will, so the other's online status stands
 
     def _on_connect(self, session_present: bool, now: float) -> list:
         if not self.started.is_set():
@@ -141,7 +286,9 @@ class CoordinatorService:
         if not session_present:
             log_event(log, "broker_lost_session", note="republishing retained state")
             return self.core.retained_state(now)
-        return []
+        # A will may have been published while we were away: say we are here again.
+        status = PeerStatus("coordinator", "online", self.core.incarnation)
+        return [Publish(self.core.topics.coordinator_status, encode(status), 1, True)]
 
     def _recover(self, now: float) -> list:
         if self.journal is None:

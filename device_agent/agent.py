@@ -27,7 +27,15 @@ uploading ack rejected (retries left)           uploading   Publish every shard 
 uploading tick, no progress for resend_after    uploading   Publish the shards not held
 any       manifest for another round / waiting  idle        (work for the old round is dropped)
 any       manifest finished                     finished    Finished
+finished  manifest open or waiting              idle        CampaignStarted (a new campaign)
+any       new incarnation, round id or model    idle        CampaignStarted (a campaign we missed the
+          version lower than the last seen                  end of; cached model and residual dropped)
 ========  ====================================  ==========  =========================================
+
+A standing fleet therefore needs no restart between campaigns: the adapter keeps
+the agent connected after ``Finished`` unless it was asked to run one campaign.
+Each round ends with one ``round_done`` note (what was fetched, trained and
+uploaded, and the receipt) that the adapter logs at INFO.
 """
 
 from __future__ import annotations
@@ -85,6 +93,11 @@ class ClearOutbox:
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The federation has finished; the adapter may stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignStarted:
+    """A new campaign began after one this agent saw finish (or lost track of)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,8 @@ class AgentCore:
         self._upload: _Upload | None = None
         self._progress_at = 0.0
         self.feedback = None  # fedsync.compress.ErrorFeedback, for biased codecs (top-k)
+        self._job_start = (0, 0)  # (bytes_down, bytes_up) when the current job began: the round's traffic
+        self._skipped_round = -1
 
     # -- inputs -----------------------------------------------------------------
 
@@ -243,10 +258,13 @@ class AgentCore:
     def _on_manifest(self, m: RoundManifest, now: float) -> list:
         if m.federation != self.topics.federation:
             raise ProtocolError("federation", "value", f"{m.federation!r} is not {self.topics.federation!r}")
+        out = self._new_campaign(m) if self.manifest is not None else []
         self.manifest = m
         if m.state == "finished":
             self.state = "finished"
-            return self._stop_fetch() + [Finished()]  # a pending upload still takes its late receipt
+            return out + self._stop_fetch() + [Finished()]  # a pending upload still takes its late receipt
+        if out:
+            return out + self._next_job(now)
         up = self._upload
         if up is not None and up.round_id == m.round_id and m.state == "open":
             # Same round (a redelivery, a coordinator restart, or our own restart from the outbox):
@@ -264,6 +282,25 @@ class AgentCore:
             return []  # FedBuff: work on an older model still counts; the next job starts when it ends
         return self._next_job(now)
 
+    def _new_campaign(self, m: RoundManifest) -> list:
+        """``[CampaignStarted, ...]`` if ``m`` starts another campaign than the last manifest's, else []."""
+        last = self.manifest
+        assert last is not None
+        if last.state == "finished" and m.state != "finished":
+            why = "previous campaign finished"
+        elif m.incarnation != last.incarnation and (m.round_id < last.round_id or m.model_version < last.model_version):
+            why = "the coordinator started over"  # round ids and versions only grow within a campaign
+        else:
+            return []
+        out: list = [CampaignStarted(), Note("campaign_started", {"reason": why, "round": m.round_id,
+                                                                  "version": m.model_version})]
+        out += self._stop_fetch()
+        if self._upload is not None:
+            out.append(ClearOutbox(self._upload.round_id))
+        self.state, self.job, self._upload, self._model, self.feedback = "idle", None, None, None, None
+        self._skipped_round = -1
+        return out
+
     def _next_job(self, now: float) -> list:
         """Drop work for a closed round and start on the newest manifest, if it selects us."""
         m = self.manifest
@@ -273,11 +310,18 @@ class AgentCore:
             out += [Note("update_dropped", {"round": up.round_id, "reason": "round closed"}), ClearOutbox(up.round_id)]
             self._upload = None
         self.state = "idle"
-        if m is None or m.state != "open" or (self.device_id not in m.selected):
+        if m is None or m.state != "open":
             return out
-        if self.job is not None and self.job.round_id == m.round_id:
+        if self.device_id not in m.selected:
+            if self._skipped_round != m.round_id:
+                self._skipped_round = m.round_id
+                out.append(Note("round_skipped", {"round": m.round_id, "reason": "not selected",
+                                                  "selected": len(m.selected)}))
+            return out
+        if self.job is not None and (self.job.round_id, self.job.model_digest) == (m.round_id, m.model_digest):
             return out  # already did this round's work
         self.job = m
+        self._job_start = (self.stats.bytes_down, self.stats.bytes_up)
         if self._model is not None and self._model[:2] == (m.model_version, m.model_digest):
             return out + self._train(m)
         self.state = "fetching"
@@ -392,8 +436,7 @@ class AgentCore:
             self._upload = None
             if ack.status == "accepted":
                 self.stats.rounds_accepted += 1
-            out = [Note("round_done", {"round": ack.round_id, "status": ack.status, "reason": ack.reason}),
-                   ClearOutbox(ack.round_id)]
+            out = [self._round_done(ack, up), ClearOutbox(ack.round_id)]
             if self.state == "done" and self.manifest is not None and self.manifest.round_id != ack.round_id:
                 out += self._next_job(now)  # async: a newer model is already out
             return out
@@ -406,6 +449,16 @@ class AgentCore:
             # The coordinator forgot the bad update; send the same delta under a fresh id.
             return [Note("update_rejected", {"round": ack.round_id, "reason": ack.reason})] + self._reencode(now)
         return []
+
+    def _round_done(self, ack: ShardAck, up: _Upload) -> Note:
+        down0, up0 = self._job_start
+        fields = {"round": ack.round_id, "status": ack.status, "fetched_bytes": self.stats.bytes_down - down0,
+                  "samples": up.num_samples, "shards": len(up.payloads), "uploaded_bytes": self.stats.bytes_up - up0}
+        if "train_loss" in up.metrics:
+            fields["train_loss"] = up.metrics["train_loss"]
+        if ack.reason:
+            fields["reason"] = ack.reason
+        return Note("round_done", fields)
 
     def _reencode(self, now: float) -> list:
         up = self._upload

@@ -5,6 +5,14 @@ will) and its own :class:`AgentCore`. One dispatcher thread owns every core:
 paho threads only enqueue, and training runs on a small thread pool whose
 results come back through the same queue. So a core is only ever touched by
 one thread, and 100 devices cost 100 sockets, not 100 processes.
+
+``all_finished`` is set while every device has seen its campaign finish; it is
+cleared again when a new campaign starts (the fleet stands, see agent.py).
+Supervision: an exception escaping the dispatcher is logged with its traceback,
+every link is dropped without DISCONNECT (the broker fires the last wills, so
+the coordinator stops waiting for these devices), ``failed`` holds the error and
+``done`` is set; the CLI exits non-zero. A trainer's exception is the user's
+bug in one round, logged, and does not end the host.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_agent.agent import AgentCore, ClearOutbox, Finished, Note, SaveOutbox, Train
+from device_agent.agent import AgentCore, CampaignStarted, ClearOutbox, Finished, Note, SaveOutbox, Train
 from device_agent.outbox import Outbox
 from device_agent.trainer import Trainer
 from fedsync.actions import Publish, Subscribe, Unsubscribe
@@ -29,6 +37,11 @@ from fedsync.mqtt import Backoff, Credentials, MqttLink
 from fedsync.topics import Topics
 
 log = logging.getLogger("fedsync.agent")
+
+# Notes an operator wants at INFO (one line per round and per campaign); the rest are DEBUG.
+_NOTE_LEVELS = {"round_done": logging.INFO, "round_skipped": logging.INFO, "campaign_started": logging.INFO,
+                "update_given_up": logging.WARNING, "update_dropped": logging.INFO, "refetch": logging.INFO,
+                "resend": logging.INFO, "model_digest_mismatch": logging.WARNING, "bad_message": logging.WARNING}
 
 
 @dataclass(slots=True)
@@ -91,6 +104,8 @@ class AgentHost:
             self.devices[spec.device_id] = _Device(spec, core, link, index, outbox)
         self.seed = seed
         self.all_finished = threading.Event()
+        self.done = threading.Event()  # the dispatcher has ended (stopped or failed)
+        self.failed: BaseException | None = None
         self.publish_hook = None  # callable(device_id, topic) run before each publish: fault injection
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -134,6 +149,20 @@ class AgentHost:
     # -- the dispatcher --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._dispatch()
+        except Exception as exc:  # noqa: BLE001 - supervision: log, let the wills fire, end loudly
+            self.failed = exc
+            log.exception("agent_failed error=%s", type(exc).__name__)
+            for d in self.devices.values():
+                d.link.hold_reconnect.set()
+                d.link.stop(disconnect=False)
+                d.killed = True
+            self.all_finished.set()
+        finally:
+            self.done.set()
+
+    def _dispatch(self) -> None:
         next_tick = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -178,8 +207,14 @@ class AgentHost:
             elif isinstance(a, Train):
                 self._pool.submit(self._train, d, a)
             elif isinstance(a, Finished):
+                if not d.finished:
+                    log_event(log, "campaign_finished", device=d.spec.device_id,
+                              rounds_accepted=d.core.stats.rounds_accepted)
                 d.finished = True
                 self._check_finished()
+            elif isinstance(a, CampaignStarted):
+                d.finished = False
+                self.all_finished.clear()
             elif isinstance(a, SaveOutbox):
                 if d.outbox is not None:
                     d.outbox.save(a.record)  # durable before the publishes that follow it
@@ -187,7 +222,7 @@ class AgentHost:
                 if d.outbox is not None:
                     d.outbox.clear(a.round_id)
             elif isinstance(a, Note):
-                log_event(log, a.event, logging.DEBUG, device=d.spec.device_id, **a.fields)
+                log_event(log, a.event, _NOTE_LEVELS.get(a.event, logging.DEBUG), device=d.spec.device_id, **a.fields)
 
     def _train(self, d: _Device, a: Train) -> None:
         try:

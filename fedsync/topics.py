@@ -40,6 +40,7 @@ TOPIC_TABLE: tuple[TopicRule, ...] = (
     TopicRule("status/{device}", "device", ("coordinator", "monitor"), "retained, QoS 1; last will"),
     TopicRule("coordinator/status", "coordinator", ("coordinator", "device", "monitor"),
               "retained, QoS 1; last will"),
+    TopicRule("coordinator/probe", "coordinator", ("coordinator",), "QoS 1, to itself"),
 )
 
 
@@ -112,6 +113,12 @@ class Topics:
     @property
     def coordinator_status(self) -> str:
         return f"{self.root}/coordinator/status"
+
+    @property
+    def coordinator_probe(self) -> str:
+        """A coordinator's message to itself: when it comes back, the retained status the
+        broker had for ``coordinator_status`` (if any) has been delivered before it."""
+        return f"{self.root}/coordinator/probe"
 
     # -- parsing: every client filters what it receives by topic (DESIGN.md:
     # amqtt delivers retained messages to clients that never subscribed).

@@ -98,7 +98,7 @@ def test_every_topics_method_has_a_row_in_the_table():
     t = Topics("farm")
     produced = [t.manifest, t.model(3, 0), t.model_filter(3), t.model_delta(2, 3, 0), t.model_delta_filter(2, 3),
                 t.up("pi-kitchen", 1, "u1", 0), t.up_filter, t.ack("pi-kitchen"), t.status("pi-kitchen"),
-                t.status_filter, t.coordinator_status]
+                t.status_filter, t.coordinator_status, t.coordinator_probe]
     rows = [f"fedsync/farm/{r.filter.replace('{device}', '+')}" for r in TOPIC_TABLE]
     for topic in produced:
         assert any(acl.covers(row.replace("+/#", "#"), topic) for row in rows), topic
@@ -120,3 +120,13 @@ def test_rendered_mosquitto_acl_grants_the_delta_and_the_coordinator_status_read
     assert "topic read fedsync/farm/modeldelta/#" in device
     assert "topic write fedsync/+/modeldelta/#" in coordinator
     assert "topic read fedsync/+/coordinator/status" in coordinator
+    assert "topic write fedsync/+/coordinator/probe" in coordinator
+
+
+def test_the_coordinator_services_own_subscriptions_and_probe_are_granted():
+    t = Topics("farm")
+    for flt in (t.up_filter, t.status_filter, t.coordinator_status, t.coordinator_probe):
+        assert acl.allowed("coordinator", "farm", "coordinator", "read", flt), flt
+    for topic in (t.coordinator_probe, t.coordinator_status, t.manifest, t.ack("pi-kitchen")):
+        assert acl.allowed("coordinator", "farm", "coordinator", "write", topic), topic
+    assert not acl.allowed("device", "farm", "pi-kitchen", "write", t.coordinator_probe)
