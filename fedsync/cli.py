@@ -209,9 +209,11 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
                            verifier=verifier_from(cfg))
     service = CoordinatorService(core, cfg.broker.url, credentials=credentials_from(cfg.broker, cfg.coordinator.client_id),
                                  client_id=cfg.coordinator.client_id, keepalive=cfg.broker.keepalive,
-                                 tick_interval=cfg.coordinator.tick_interval, state_dir=cfg.coordinator.state_dir)
+                                 tick_interval=cfg.coordinator.tick_interval, state_dir=cfg.coordinator.state_dir,
+                                 takeover=getattr(a, "takeover", False))
     stop = threading.Event()
     service.on_event = lambda e: stop.set() if core.finished else None
+    threading.Thread(target=lambda: (service.done.wait(), stop.set()), daemon=True).start()
     log_event(log, "coordinator_start", broker=cfg.broker.url, federation=cfg.federation.name,
               params=core.vector.size, rounds=cfg.round.rounds)
     service.start()
@@ -225,6 +227,11 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     service.stop()
     if metrics is not None:
         metrics.stop()
+    if service.conflict is not None:
+        print(f"fedsync coordinator: {service.conflict}", file=sys.stderr)
+        return 1
+    if service.failed is not None:
+        return 1  # logged with its traceback by the service; the broker has fired our last will
     s = core.stats
     log_event(log, "coordinator_stop", rounds_committed=s.rounds_committed, rounds_abandoned=s.rounds_abandoned,
               updates_accepted=s.updates_accepted, duplicates_dropped=s.duplicates_dropped,
@@ -248,12 +255,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
     if not device_id:
         raise ConfigError("agent.device_id: required (--device-id or [agent] device_id)")
     d = cfg.data
-    index = d.index
-    if index is None:
-        match = re.search(r"(\d+)$", device_id)
-        if match is None:
-            raise ConfigError(f"data.index: not set and device id {device_id!r} has no trailing number")
-        index = int(match.group(1))
+    index = d.index if d.index is not None else default_data_index(device_id, d.num_devices)
     if not 0 <= index < d.num_devices:
         raise ConfigError(f"data.index: {index} not in [0, {d.num_devices})")
     data = synthetic_federation(d.alpha, d.beta, num_devices=d.num_devices, seed=d.seed)[index]
@@ -269,14 +271,41 @@ def cmd_agent(a: argparse.Namespace) -> int:
                                  signer)],
                      seed=cfg.agent.seed, keepalive=cfg.broker.keepalive, resend_after=cfg.agent.resend_after,
                      state_dir=cfg.agent.state_dir, indices={device_id: index})
-    log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, samples=data.num_train)
+    log_event(log, "agent_start", device=device_id, broker=cfg.broker.url, data_index=index, samples=data.num_train,
+              once=getattr(a, "once", False))
     host.start()
     stop = threading.Event()
-    threading.Thread(target=lambda: (host.wait_finished(1e9), stop.set()), daemon=True).start()
+    once = getattr(a, "once", False)
+
+    def watch() -> None:  # a standing agent ends only on a signal or a failure; --once also at the campaign's end
+        while not host.done.wait(0.2):
+            if once and host.all_finished.is_set():
+                break
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
     _wait_for_signal(stop)
+    if host.failed is not None:
+        return 1  # logged with its traceback by the host; the broker has fired the last will
     host.stop()
     log_event(log, "agent_stop", device=device_id, **host.stats())
     return 0
+
+
+def default_data_index(device_id: str, num_devices: int) -> int:
+    """Which Synthetic slice a device trains on when ``data.index`` is not set: the id's
+    trailing number if it has one (``dev-3`` -> 3, the demo's names), else a stable hash
+    of the id (``pi-kitchen``), so any device id works and always picks the same slice.
+
+    >>> default_data_index("dev-3", 30), default_data_index("pi-kitchen", 30) == default_data_index("pi-kitchen", 30)
+    (3, True)
+    """
+    import zlib
+
+    match = re.search(r"(\d+)$", device_id)
+    if match is not None and int(match.group(1)) < num_devices:
+        return int(match.group(1))
+    return zlib.crc32(device_id.encode()) % num_devices
 
 
 def cmd_status(a: argparse.Namespace) -> int:
