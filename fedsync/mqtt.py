@@ -94,9 +94,10 @@ def describe_connect_error(exc: BaseException, address: "BrokerAddress", ca_file
     """``(kind, detail)`` of a failed connection attempt, in words an operator can act on."""
     where = f"{address.host}:{address.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "tls_verify", f"{where}: broker certificate not trusted ({exc.verify_message}; CA file {ca_file or 'system default'})"
+        why = getattr(exc, "verify_message", None) or exc.strerror or exc
+        return "tls_verify", f"{where}: broker certificate not trusted ({why}; CA file {ca_file or 'system default'})"
     if isinstance(exc, ssl.SSLError):
-        return "tls", f"{where}: TLS handshake failed ({exc.reason or exc}); is the port a TLS listener?"
+        return "tls", f"{where}: TLS handshake failed ({exc.strerror or exc}); is the port a TLS listener?"
     if isinstance(exc, socket.gaierror):
         return "dns", f"cannot resolve host {address.host!r} ({exc.strerror})"
     if isinstance(exc, ConnectionRefusedError):
