@@ -2,7 +2,7 @@
 (where it can run here) work.
 
 systemd units go through ``systemd-analyze verify``; shell scripts through ``bash -n``
-and shellcheck (each where installed); install.sh runs for real into a scratch root and
+and shellcheck (each where installed, always in CI); install.sh runs for real into a scratch root and
 the agent config it writes is loaded by the agent's own config loader; the compose files
 parse as YAML with the services and mounts they promise (no Docker engine here); and the
 mosquitto edge/root bridge from deploy/cluster carries a whole federation on loopback.
@@ -10,6 +10,7 @@ mosquitto edge/root bridge from deploy/cluster carries a whole federation on loo
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsync.config import load_config
 
@@ -27,6 +29,17 @@ UNITS = [DEPLOY / "systemd" / "fedsync-coordinator.service", DEPLOY / "systemd" 
 SCRIPTS = [DEPLOY / "raspberry-pi" / "install.sh", DEPLOY / "termux" / "boot-fedsync-agent.sh"]
 # systemd < 254 does not know these two (exponential restart backoff) and ignores them.
 NEWER_SYSTEMD_KEYS = ("RestartSteps", "RestartMaxDelaySec")
+
+
+def program(name: str) -> str:
+    """The path of a checker these tests run. Skipped where it is not installed, except in CI:
+    .ci/run installs it, so a missing one there is an install bug, not a reason to skip."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: {name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} is not installed")
+    return path
 
 
 def unit(path: Path) -> dict[str, dict[str, str]]:
@@ -84,8 +97,8 @@ def test_exec_start_flags_exist_in_the_cli():
         assert args.command in ("coordinator", "agent")
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify_finds_nothing_wrong(tmp_path):
+    analyze = program("systemd-analyze")
     # verify checks that ExecStart exists: point it at a real binary; a template needs an instance.
     names = []
     for path in UNITS:
@@ -93,7 +106,7 @@ def test_systemd_analyze_verify_finds_nothing_wrong(tmp_path):
         name = path.name.replace("@.service", "@dev-1.service")
         (tmp_path / name).write_text(text)
         names.append(name)
-    result = subprocess.run(["systemd-analyze", "verify", *names], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([analyze, "verify", *names], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
     problems = [line for line in (result.stdout + result.stderr).splitlines()
                 if line.strip() and not any(f"Unknown key '{k}'" in line for k in NEWER_SYSTEMD_KEYS)]
@@ -109,10 +122,9 @@ def test_shell_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
 def test_shell_scripts_pass_shellcheck(path):
-    result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([program("shellcheck"), str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 
 
@@ -165,10 +177,24 @@ def test_install_sh_refuses_bad_arguments_before_touching_anything(tmp_path, bad
     assert not (tmp_path / "root").exists()
 
 
+# -- CI -------------------------------------------------------------------------------------------
+
+def test_ci_runs_the_readme_commands_verbatim_in_a_fresh_venv():
+    root = DEPLOY.parent
+    readme = (root / "README.md").read_text().split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    install, test = readme[0].split(" && ")[0], readme[1].split(" && ")[-1]
+    assert (install, test) == ('pip install -e ".[all]"', "python -m pytest -q")
+    assert readme[1] == f"apt-get update && apt-get install -y mosquitto && {install} && {test}"
+    lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    venv = lines.index('python3 -m venv "$VENV"')
+    assert lines.index(". \"$VENV/bin/activate\"") > venv
+    assert lines.index(install) > venv and any(line.startswith(test) for line in lines[venv:])
+    assert ".venv-ci/" in (root / ".gitignore").read_text().splitlines()
+
+
 # -- compose -----------------------------------------------------------------------------------------
 
 def test_compose_file_has_mosquitto_and_a_coordinator_with_a_valid_config():
-    yaml = pytest.importorskip("yaml")
     from coordinator.config import CoordinatorConfig
     from fedsync.cli import build_parser
 
@@ -192,7 +218,6 @@ def test_compose_file_has_mosquitto_and_a_coordinator_with_a_valid_config():
 
 
 def test_emqx_cluster_example_has_three_nodes_with_the_same_seeds_and_config():
-    yaml = pytest.importorskip("yaml")
     here = DEPLOY / "cluster" / "emqx"
     doc = yaml.safe_load((here / "compose.yaml").read_text())
     nodes = {k: v for k, v in doc["services"].items() if k.startswith("emqx")}
