@@ -227,7 +227,7 @@ def test_full_rounds_over_tls_with_the_acl_and_a_device_snooping_sees_no_updates
     assert s["devices_offline_detected"] == 0
     kinds = {t.split("/")[2] for t, _ in snoop.seen()}
     assert "manifest" in kinds and "model" in kinds  # the positive control: dev-4 reads what it may
-    assert kinds <= {"manifest", "model", "coordinator"}
+    assert kinds <= {"manifest", "model", "modeldelta", "coordinator"}
     assert snoop.seen(TOPICS.root + "/up/") == [] and snoop.seen(TOPICS.root + "/ack/") == []
 
 
@@ -597,17 +597,22 @@ def test_server_certificate_names_the_hosts_and_loopback():
 def test_amqtt_acl_is_the_same_table_as_the_mosquitto_acl():
     table = acl_mod.amqtt_acl("demo", ["dev-0"])
     assert json.loads(json.dumps(table)) == table
-    assert table["publish-acl"]["coordinator"] == ["fedsync/+/manifest", "fedsync/+/model/#",
-                                                   "fedsync/+/ack/+", "fedsync/+/coordinator/status"]
+    assert table["publish-acl"]["coordinator"] == ["fedsync/+/manifest", "fedsync/+/model/#", "fedsync/+/modeldelta/#",
+                                                   "fedsync/+/ack/+", "fedsync/+/coordinator/status",
+                                                   "fedsync/+/coordinator/probe"]
+    assert table["subscribe-acl"]["coordinator"] == ["fedsync/+/up/#", "fedsync/+/status/+",
+                                                     "fedsync/+/coordinator/status", "fedsync/+/coordinator/probe"]
     assert table["subscribe-acl"]["dev-0"] == ["fedsync/demo/manifest", "fedsync/demo/model/#",
-                                               "fedsync/demo/ack/dev-0", "fedsync/demo/coordinator/status"]
+                                               "fedsync/demo/modeldelta/#", "fedsync/demo/ack/dev-0",
+                                               "fedsync/demo/coordinator/status"]
     assert table["publish-acl"]["monitor"] == []  # read-only
     mosq = acl_mod.mosquitto_acl("demo", ["dev-0"])
     assert not [line for line in mosq.splitlines() if line.startswith("pattern")]
     block = mosq.split("user dev-0\n", 1)[1].splitlines()
-    assert block == ["topic write fedsync/demo/up/dev-0/#", "topic write fedsync/demo/status/dev-0",
-                     "topic read fedsync/demo/manifest", "topic read fedsync/demo/model/#",
-                     "topic read fedsync/demo/ack/dev-0", "topic read fedsync/demo/coordinator/status"]
+    assert block == ["topic read fedsync/demo/manifest", "topic read fedsync/demo/model/#",
+                     "topic read fedsync/demo/modeldelta/#", "topic write fedsync/demo/up/dev-0/#",
+                     "topic read fedsync/demo/ack/dev-0", "topic write fedsync/demo/status/dev-0",
+                     "topic read fedsync/demo/coordinator/status"]
 
 
 # -- UpdateScreen --------------------------------------------------------------------------------
