@@ -4,19 +4,24 @@
 systemd units go through ``systemd-analyze verify``; shell scripts through ``bash -n``
 and shellcheck (each where installed, always in CI); install.sh runs for real into a scratch root and
 the agent config it writes is loaded by the agent's own config loader; the compose files
-parse as YAML with the services and mounts they promise (no Docker engine here); and the
-mosquitto edge/root bridge from deploy/cluster carries a whole federation on loopback.
+parse as YAML with the services and mounts they promise (no Docker engine here); the wheel
+built from the image's build context holds every package and its data, and nothing tells a
+user to `pip install fedsync` from PyPI, where it is not published; and the mosquitto
+edge/root bridge from deploy/cluster carries a whole federation on loopback.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +29,8 @@ import yaml
 
 from fedsync.config import load_config
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
 UNITS = [DEPLOY / "systemd" / "fedsync-coordinator.service", DEPLOY / "systemd" / "fedsync-agent@.service"]
 SCRIPTS = [DEPLOY / "raspberry-pi" / "install.sh", DEPLOY / "termux" / "boot-fedsync-agent.sh"]
 # systemd < 254 does not know these two (exponential restart backoff) and ignores them.
@@ -159,6 +165,19 @@ def test_install_sh_writes_a_config_the_agent_loads_and_reruns_change_nothing(tm
 
     moved = run_install(root, *[a if a != "mqtts://broker.lan:8883" else "mqtts://broker2.lan:8883" for a in args])
     assert moved.stdout.count("wrote") == 1 and "agent.toml" in moved.stdout
+    # Without --package it installs the checkout it lives in, not a name PyPI does not have.
+    assert f"the package would be {REPO})" in first.stdout
+
+
+def test_install_sh_takes_a_wheel_or_a_source_directory_or_a_git_url(tmp_path):
+    (tmp_path / "pw").write_text("pw\n")
+    wheel = tmp_path / "fedsync-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK")  # only its existence is checked with --root (no pip)
+    base = ["--broker", "mqtt://broker.lan:1883", "--device-id", "pi-07", "--password-file", str(tmp_path / "pw")]
+    for package in (str(wheel), f"{wheel}[signing]", str(REPO), "fedsync @ git+https://git.example/fedsync.git"):
+        result = run_install(tmp_path / "root", *base, "--package", package)
+        assert result.returncode == 0, result.stderr
+        assert f"the package would be {package})" in result.stdout
 
 
 @pytest.mark.parametrize("bad, complaint", [
@@ -167,6 +186,8 @@ def test_install_sh_writes_a_config_the_agent_loads_and_reruns_change_nothing(tm
     (["--broker", "http://x:1"], "mqtt(s)://"),
     (["--device-id", "pi-kitchen"], "--data-index is required"),
     (["--frobnicate"], "unknown argument"),
+    (["--package", "/nonexistent/fedsync-0.1.0-py3-none-any.whl"], "cannot read wheel"),
+    (["--package", "/"], "no pyproject.toml"),
 ])
 def test_install_sh_refuses_bad_arguments_before_touching_anything(tmp_path, bad, complaint):
     (tmp_path / "pw").write_text("pw\n")
@@ -192,6 +213,84 @@ def test_ci_runs_the_readme_commands_verbatim_in_a_fresh_venv():
     assert ".venv-ci/" in (root / ".gitignore").read_text().splitlines()
 
 
+# -- packaging ------------------------------------------------------------------------------------
+
+def docker_context(dest: Path) -> Path:
+    """Copy what the coordinator image's build context sends (the repository root filtered by
+    coordinator.Dockerfile.dockerignore) to ``dest``. The file is an allow-list, ``*`` then
+    ``!top-level-name`` lines, then ``**/pattern`` exclusions; this reads exactly that form."""
+    lines = [line.strip() for line in
+             (DEPLOY / "compose" / "coordinator.Dockerfile.dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    assert patterns[0] == "*", "the allow-list form starts by excluding everything"
+    allowed = [p[1:] for p in patterns[1:] if p.startswith("!")]
+    excluded = [p.removeprefix("**/") for p in patterns[1:] if not p.startswith("!")]
+    assert all("/" not in name for name in allowed + excluded), patterns
+    dest.mkdir(parents=True)
+    for name in allowed:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns(*excluded))
+        else:
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def test_the_wheel_from_the_image_context_holds_every_package_and_its_data(tmp_path):
+    # `pip wheel --no-deps -w dist .` is how a device gets fedsync (README, Install); building it
+    # from the Docker context also proves the image's COPY sends everything the build needs.
+    context = docker_context(tmp_path / "context")
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path / "dist"),
+                    str(context)], check=True, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    (wheel,) = (tmp_path / "dist").glob("fedsync-*-py3-none-any.whl")  # pure Python: one wheel for every device
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    packages = ["fedsync", "coordinator", "device_agent", "broker_config"]
+    expected = {str(f.relative_to(REPO)) for pkg in packages for f in (REPO / pkg).rglob("*.py")
+                if "__pycache__" not in f.parts}
+    assert expected - names == set()
+    data = {str(f.relative_to(REPO)) for pattern in ("*.conf", "*.template", "*.yaml")
+            for f in (REPO / "broker_config").glob(pattern)}
+    assert "broker_config/mosquitto.conf.template" in data and data <= names
+    assert not {n for n in names if n.split("/")[0] in ("tests", "benchmarks", "deploy", "docs")}
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+    assert b"fedsync = fedsync.cli:main" in entry_points
+    assert seconds < 120, f"building the wheel took {seconds:.0f} s"
+
+
+def index_installs(line: str) -> list[str]:
+    """The arguments of each ``pip install`` on ``line`` that name fedsync as a bare requirement
+    (``fedsync``, ``"fedsync[coordinator]"``, ``fedsync==0.1.0``): those come from PyPI. A wheel,
+    a directory or ``fedsync @ git+...`` is not one."""
+    found = []
+    for tail in re.split(r"\bpip3? install\b", line)[1:]:
+        command = re.split(r"`|&&|\|\||;|\||#", tail, maxsplit=1)[0]
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = command.split()
+        found += [w for w in words if not w.startswith("-") and "@" not in w
+                  and re.fullmatch(r"fedsync(\[[\w,-]*\])?([=<>!~]=?\S*)?", w)]
+    return found
+
+
+def test_nothing_tells_a_user_to_install_fedsync_from_pypi_before_it_is_published():
+    files = [REPO / "README.md", *(f for f in DEPLOY.rglob("*") if f.is_file())]
+    offending = []
+    for path in files:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if index_installs(line) and "once published" not in line:
+                offending.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert offending == []
+    # The checker itself, on the forms it must tell apart.
+    assert index_installs('pip install "fedsync[coordinator]" && x') == ["fedsync[coordinator]"]
+    assert index_installs("/opt/fedsync/venv/bin/pip install --quiet fedsync==0.1.0") == ["fedsync==0.1.0"]
+    assert index_installs('pip install "fedsync @ git+https://<your-git-host>/fedsync.git"') == []
+    assert index_installs("pip install ./fedsync-0.1.0-py3-none-any.whl ./fedsync") == []
+
+
 # -- compose -----------------------------------------------------------------------------------------
 
 def test_compose_file_has_mosquitto_and_a_coordinator_with_a_valid_config():
@@ -202,8 +301,15 @@ def test_compose_file_has_mosquitto_and_a_coordinator_with_a_valid_config():
     services = doc["services"]
     assert {"mosquitto", "coordinator"} <= set(services)
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
-    dockerfile = DEPLOY / "compose" / services["coordinator"]["build"]["dockerfile"]
-    assert re.search(r"^FROM python:3\.1[1-9]", dockerfile.read_text(), re.M)
+    build = services["coordinator"]["build"]
+    # The image installs this checkout: the context is the repository root, not deploy/compose.
+    assert (DEPLOY / build["context"]).resolve() == REPO
+    dockerfile = REPO / build["dockerfile"]
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM python:3\.1[1-9]", text, re.M)
+    assert re.search(r"^COPY \. /src$", text, re.M) and "pip wheel --no-cache-dir --no-deps -w /dist /src" in text
+    assert set(build["args"]) <= set(re.findall(r"^ARG (\w+)=", text, re.M))
+    assert Path(f"{dockerfile}.dockerignore").exists()
     build_parser().parse_args(services["coordinator"]["command"])  # flags the CLI knows
     mounts = {m.split(":")[1]: m.split(":")[0] for m in services["coordinator"]["volumes"]}
     cfg = load_config(CoordinatorConfig, DEPLOY / mounts["/etc/fedsync/coordinator.toml"])

@@ -4,11 +4,16 @@
 #   sudo deploy/raspberry-pi/install.sh --broker mqtts://broker.lan:8883 --device-id pi-kitchen \
 #       --password-file ./pi-kitchen.pw --ca-file ./ca.pem --federation farm
 #
+# Run it from a fedsync checkout on the Pi (git clone, or the repository copied over): it
+# installs that checkout. --package installs a wheel instead (built on any machine with
+# `pip wheel --no-deps -w dist .` and copied here), another source directory, or a git URL.
+#
 # What it does, each step skipped when already done (running it twice changes nothing;
 # running it with new arguments updates the config and restarts the agent):
 #   1. the 'fedsync' system account (deploy/systemd/fedsync.sysusers.conf);
-#   2. a virtualenv in /opt/fedsync/venv with `pip install fedsync` (device dependencies
-#      only: paho-mqtt, numpy, zstandard, cbor2);
+#   2. a virtualenv in /opt/fedsync/venv with fedsync installed into it (device dependencies
+#      only: paho-mqtt, numpy, zstandard, cbor2); a rerun with a new wheel or a changed
+#      checkout reinstalls fedsync and restarts the agent;
 #   3. /etc/fedsync/agent.toml written from the arguments, /etc/fedsync/DEVICE.pw and
 #      ca.pem copied in (0640 root:fedsync);
 #   4. deploy/systemd/fedsync-agent@.service installed and fedsync-agent@DEVICE enabled
@@ -33,8 +38,12 @@ options:
   --data-index N         built-in synthetic data: which device's slice (default: the
                          trailing digits of the device id)
   --keepalive SECONDS    MQTT keepalive (default 15; 30 on metered cellular links)
-  --package SPEC         what to pip install (default: fedsync); e.g. a wheel path or
-                         "fedsync==0.1.0"
+  --package SPEC         what to pip install (default: the checkout this script is in):
+                           a wheel     ./fedsync-0.1.0-py3-none-any.whl
+                           a source directory   /home/pi/fedsync
+                           a git URL   "fedsync @ git+https://<your-git-host>/fedsync.git"
+                         extras go in brackets: "./fedsync-0.1.0-py3-none-any.whl[signing]";
+                         a bare name ("fedsync==0.1.0") works only once published on PyPI
   --venv DIR             virtualenv location (default: /opt/fedsync/venv)
   --no-start             install and enable, but do not start now
   --root DIR             install under DIR; skip account, pip and systemctl
@@ -45,7 +54,7 @@ USAGE
 die() { echo "install.sh: $*" >&2; exit 2; }
 
 BROKER="" DEVICE="" PASSWORD_FILE="" CA_FILE="" FEDERATION="demo" DATA_INDEX="" KEEPALIVE="15"
-PACKAGE="fedsync" VENV="/opt/fedsync/venv" ROOT="" START=1
+PACKAGE="" VENV="/opt/fedsync/venv" ROOT="" START=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --broker) BROKER="${2:?--broker needs a value}"; shift 2 ;;
@@ -90,6 +99,32 @@ UNIT_SRC="$HERE/../systemd/fedsync-agent@.service"
 SYSUSERS_SRC="$HERE/../systemd/fedsync.sysusers.conf"
 [ -r "$UNIT_SRC" ] || die "missing $UNIT_SRC: run this script from a fedsync checkout (it installs deploy/systemd/)"
 
+# What to install. A wheel or a source directory (anything with a '/' or ending in .whl) must
+# exist now; a source directory is built into a wheel first (pip install of a wheel is the one
+# path below). Anything else is a pip requirement: a git URL, or a name once published.
+if [ -z "$PACKAGE" ]; then
+    PACKAGE="$(cd "$HERE/../.." && pwd)"
+    [ -f "$PACKAGE/pyproject.toml" ] || die "no fedsync source at $PACKAGE: pass --package WHEEL|DIR|URL"
+fi
+EXTRAS=""
+PACKAGE_PATH="$PACKAGE"
+EXTRAS_RE='^\[[A-Za-z0-9_,-]+\]$'
+if [[ "$PACKAGE" == *"]" && "[${PACKAGE##*[}" =~ $EXTRAS_RE ]]; then
+    PACKAGE_PATH="${PACKAGE%[*}" EXTRAS="[${PACKAGE##*[}"
+fi
+LOCAL=""
+if [[ "$PACKAGE_PATH" == */* || "$PACKAGE_PATH" == *.whl ]] && [[ "$PACKAGE_PATH" != *://* ]]; then
+    if [[ "$PACKAGE_PATH" == *.whl ]]; then
+        if [ ! -f "$PACKAGE_PATH" ] || [ ! -r "$PACKAGE_PATH" ]; then die "cannot read wheel --package $PACKAGE_PATH"; fi
+        LOCAL="wheel"
+    else
+        [ -d "$PACKAGE_PATH" ] || die "--package $PACKAGE_PATH: no such wheel or directory"
+        [ -f "$PACKAGE_PATH/pyproject.toml" ] || die "--package $PACKAGE_PATH: no pyproject.toml in it"
+        LOCAL="dir"
+    fi
+    PACKAGE_PATH="$(cd "$(dirname "$PACKAGE_PATH")" && pwd)/$(basename "$PACKAGE_PATH")"
+fi
+
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
     die "run as root (sudo), or use --root DIR"
 fi
@@ -122,6 +157,15 @@ if [ -z "$ROOT" ]; then
     fi
 fi
 
+STAGE="$(mktemp -d)"
+trap 'rm -rf "$STAGE"' EXIT
+
+# The installed fedsync's files and their hashes (its RECORD without the .dist-info entries,
+# which name the path it came from): a change means new code, so the agent is restarted.
+installed_code() {
+    cat "$VENV"/lib/python3*/site-packages/fedsync-*.dist-info/RECORD 2>/dev/null | grep -v '\.dist-info/' || true
+}
+
 # -- 2. virtualenv and package ------------------------------------------------------------------------
 if [ -z "$ROOT" ]; then
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -137,15 +181,34 @@ if [ -z "$ROOT" ]; then
     # Raspberry Pi OS points pip at piwheels (prebuilt numpy/zstandard for armv7/aarch64) in
     # /etc/pip.conf; pip in a venv reads it too. --upgrade-strategy only-if-needed leaves
     # already-satisfied dependencies alone, so a rerun downloads nothing.
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade-strategy only-if-needed "$PACKAGE"
+    PIP=("$VENV/bin/pip" --quiet --disable-pip-version-check)
+    SPEC="$PACKAGE"
+    if [ "$LOCAL" = "dir" ]; then
+        # Not an editable install: the unit runs with ProtectHome=yes and could not see a
+        # checkout under /home; the venv gets its own copy of the code.
+        "${PIP[@]}" wheel --no-deps -w "$STAGE/wheel" "$PACKAGE_PATH"
+        PACKAGE_PATH="$(echo "$STAGE"/wheel/fedsync-*.whl)"
+        LOCAL="wheel"
+    fi
+    [ "$LOCAL" != "wheel" ] || SPEC="$PACKAGE_PATH$EXTRAS"
+    before="$(installed_code)"
+    "${PIP[@]}" install --upgrade-strategy only-if-needed "$SPEC"
+    if [ "$LOCAL" = "wheel" ] && [ -n "$before" ]; then
+        # pip skips a wheel whose version is already installed ("same version as the provided
+        # wheel"), which would keep the old code after a rebuild: reinstall fedsync itself
+        # (not its dependencies).
+        "${PIP[@]}" install --no-deps --force-reinstall "$PACKAGE_PATH"
+    fi
+    if [ "$(installed_code)" != "$before" ]; then
+        CHANGED=1
+        echo "  installed fedsync from $PACKAGE into $VENV"
+    fi
     "$VENV/bin/fedsync" --help >/dev/null
 fi
 
 # -- 3. configuration ---------------------------------------------------------------------------------
 install -d -m 0750 "$ETC"
 [ -n "$ROOT" ] || chgrp fedsync "$ETC"
-STAGE="$(mktemp -d)"
-trap 'rm -rf "$STAGE"' EXIT
 {
     echo "# /etc/fedsync/agent.toml: written by deploy/raspberry-pi/install.sh; rerun it to change."
     echo "# Every key and its default: device_agent/config.py. The device id, its password file and"
@@ -183,7 +246,7 @@ sed "s#/opt/fedsync/venv#$VENV#g" "$UNIT_SRC" > "$STAGE/unit"
 install_file "$STAGE/unit" "$UNIT_DIR/fedsync-agent@.service" 0644
 
 if [ -n "$ROOT" ]; then
-    echo "installed under $ROOT (no account, pip or systemctl with --root)"
+    echo "installed under $ROOT (no account, pip or systemctl with --root; the package would be $PACKAGE)"
     exit 0
 fi
 systemctl daemon-reload
