@@ -99,7 +99,7 @@ QUICK_FED_ARMS = ["raw", "int8", "topk", "topk1"]
 def register_benchmark_codecs() -> None:
     """topk0.05, and top-k under names the agent gives no error feedback (it keys on the "topk" prefix)."""
     from fedsync.codecs import register
-    from fedsync.compress import topk_codec
+    from fedsync.codecs.lossy import topk_codec
 
     register(topk_codec(0.05))
     register(topk_codec(0.1, name="noef-topk"))

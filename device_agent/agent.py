@@ -166,7 +166,7 @@ class AgentCore:
         self._fetch_base = -1  # >= 0 while fetching a delta from that version
         self._upload: _Upload | None = None
         self._progress_at = 0.0
-        self.feedback = None  # fedsync.compress.ErrorFeedback, for biased codecs (top-k)
+        self.feedback = None  # fedsync.codecs.lossy.ErrorFeedback, for biased codecs (top-k)
         self._job_start = (0, 0)  # (bytes_down, bytes_up) when the current job began: the round's traffic
         self._skipped_round = -1
 
@@ -225,7 +225,7 @@ class AgentCore:
 
         Returns what the coordinator will decode and the encoded shards themselves, so they
         are not encoded a second time."""
-        from fedsync.compress import ErrorFeedback
+        from fedsync.codecs.lossy import ErrorFeedback
 
         if self.feedback is None or self.feedback.num_params != delta.size:
             self.feedback = ErrorFeedback(delta.size)

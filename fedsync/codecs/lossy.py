@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A device's update is ``local - global``: mostly tiny values, a few large ones.
-Two codecs trade accuracy for bytes on the uplink, and both register themselves
-in the one codec registry (:mod:`fedsync.codecs`) at import time:
+Two codecs trade accuracy for bytes on the uplink; both are listed
+in the one codec registry (:mod:`fedsync.codecs`, which imports this module):
 
 =========== =========================================== ===========================================
 name        encoding (then zstd level 1)                what the decoder returns
@@ -61,13 +61,12 @@ is a :class:`ProtocolError` on field ``"data"``. Memory is O(length).
 from __future__ import annotations
 
 import struct
-import zlib
 from fractions import Fraction
 
 import numpy as np
 import zstandard
 
-from fedsync.codecs import Codec, _shuffle, _unshuffle, _zstd_compress, _zstd_decompress, register
+from fedsync.codecs.base import Codec, shuffle, unshuffle, zstd_compress, zstd_decompress
 from fedsync.errors import ProtocolError
 
 __all__ = [
@@ -97,7 +96,7 @@ def _bad(reason: str, detail: str) -> ProtocolError:
     return ProtocolError("data", reason, detail)
 
 
-_decompress = _zstd_decompress  # one bounded zstd decoder, in fedsync.codecs
+_decompress = zstd_decompress  # one bounded zstd decoder, in fedsync.codecs.base
 
 
 def _check_length(length: int) -> int:
@@ -159,7 +158,7 @@ def _int8_encode(values: np.ndarray) -> bytes:
     divisor = np.where(scales > 0, scales, np.float32(1))[:, None]  # all-zero chunk: q = 0
     q = np.rint(padded.reshape(nchunks, INT8_CHUNK) / divisor)
     codes = np.clip(q, -127, 127).astype(np.int8).reshape(-1)[:v.size]
-    return _zstd_compress(scales.astype("<f4").tobytes() + codes.tobytes(), _ZSTD_LEVEL)
+    return zstd_compress(scales.astype("<f4").tobytes() + codes.tobytes(), _ZSTD_LEVEL)
 
 
 def _int8_decode(data: bytes, length: int) -> np.ndarray:
@@ -239,8 +238,8 @@ def _topk_encode(values: np.ndarray, fraction: Fraction, name: str) -> bytes:
     if shift == _SHIFT_MIN:
         np.clip(halves, -_F16_CAP_AT_SHIFT_MIN, _F16_CAP_AT_SHIFT_MIN, out=halves)
     deltas = np.diff(kept, prepend=0).astype("<u4")
-    index_frame = _zstd_compress(_shuffle(deltas.tobytes(), 4), _ZSTD_LEVEL)
-    value_frame = _zstd_compress(struct.pack("<h", shift) + _shuffle(halves.tobytes(), 2), _ZSTD_LEVEL)
+    index_frame = zstd_compress(shuffle(deltas.tobytes(), 4), _ZSTD_LEVEL)
+    value_frame = zstd_compress(struct.pack("<h", shift) + shuffle(halves.tobytes(), 2), _ZSTD_LEVEL)
     return struct.pack("<I", len(index_frame)) + index_frame + value_frame
 
 
@@ -254,7 +253,7 @@ def _topk_parse(data: bytes, length: int, fraction: Fraction) -> tuple[np.ndarra
     if split > len(data) - 4:
         raise _bad("size", f"index frame of {split} bytes in a {len(data)}-byte payload")
     view = memoryview(data)
-    deltas = np.frombuffer(_unshuffle(_decompress(view[4:4 + split], 4 * k), 4), dtype="<u4")
+    deltas = np.frombuffer(unshuffle(_decompress(view[4:4 + split], 4 * k), 4), dtype="<u4")
     body = _decompress(view[4 + split:], 2 + 2 * k)
     (shift,) = struct.unpack_from("<h", body)
     if not _SHIFT_MIN <= shift <= _SHIFT_MAX:
@@ -264,7 +263,7 @@ def _topk_parse(data: bytes, length: int, fraction: Fraction) -> tuple[np.ndarra
     indices = np.cumsum(deltas, dtype=np.int64)
     if k and indices[-1] >= n:
         raise _bad("range", f"index {int(indices[-1])} >= length {n}")
-    halves = np.frombuffer(_unshuffle(body[2:], 2), dtype="<f2")
+    halves = np.frombuffer(unshuffle(body[2:], 2), dtype="<f2")
     if not np.isfinite(halves).all():
         raise _bad("not_finite", "NaN or Inf among the kept values")
     with np.errstate(over="ignore"):
@@ -294,6 +293,7 @@ def topk_codec(fraction: float, name: str | None = None) -> Codec:
     >>> v = np.arange(40, dtype=np.float32)
     >>> np.flatnonzero(c.decode(c.encode(v), 40)).tolist()  # ceil(0.05 * 40) = 2
     [38, 39]
+    >>> from fedsync.codecs import register
     >>> _ = register(c)  # now get_codec("topk0.05") finds it
     """
     if not 0.0 < fraction < 1.0:
@@ -314,10 +314,6 @@ def topk_codec(fraction: float, name: str | None = None) -> Codec:
 
 # -- error feedback -------------------------------------------------------------
 
-_EF_MAGIC = b"FSEF"
-_EF_HEADER = struct.Struct("<4sBxxxQI")  # magic, version, num_params, crc32 of the values
-
-
 class ErrorFeedback:
     """What the codec dropped so far, added back to the next delta (device side).
 
@@ -337,8 +333,6 @@ class ErrorFeedback:
     >>> ef.update(compensated, decoded)
     >>> int(np.count_nonzero(decoded)), round(float(ef.residual.sum()), 2)
     (10, 9.9)
-    >>> bool((ErrorFeedback.from_bytes(ef.state_bytes()).residual == ef.residual).all())
-    True
     """
 
     __slots__ = ("_residual",)
@@ -373,38 +367,9 @@ class ErrorFeedback:
         """Remember what this round's codec dropped: ``compensated - decoded``."""
         self._residual = self._vector(compensated, "compensated") - self._vector(decoded, "decoded")
 
-    def state_bytes(self) -> bytes:
-        """The residual as bytes for the agent's state directory (header + float32 LE)."""
-        values = self._residual.astype("<f4").tobytes()
-        return _EF_HEADER.pack(_EF_MAGIC, 1, self.num_params, zlib.crc32(values)) + values
 
-    @classmethod
-    def from_bytes(cls, data: bytes, num_params: int | None = None) -> ErrorFeedback:
-        """Restore :meth:`state_bytes`; a torn or foreign file is a :class:`ProtocolError`.
-
-        Pass ``num_params`` to also reject a residual saved for another model size
-        (the agent then starts from zeros).
-        """
-        if len(data) < _EF_HEADER.size:
-            raise ProtocolError("residual_state", "size", f"{len(data)} bytes, shorter than the header")
-        magic, version, count, crc = _EF_HEADER.unpack_from(data)
-        if magic != _EF_MAGIC or version != 1:
-            raise ProtocolError("residual_state", "type", f"magic {magic!r} version {version}")
-        if len(data) != _EF_HEADER.size + 4 * count:
-            raise ProtocolError("residual_state", "size", f"{len(data)} bytes for {count} values")
-        if num_params is not None and count != num_params:
-            raise ProtocolError("residual_state", "size", f"{count} values, expected {num_params}")
-        values = bytes(data[_EF_HEADER.size:])
-        if zlib.crc32(values) != crc:
-            raise ProtocolError("residual_state", "digest", "crc32 mismatch")
-        residual = np.frombuffer(values, dtype="<f4").astype(np.float32)
-        if not np.isfinite(residual).all():
-            raise ProtocolError("residual_state", "not_finite", "NaN or Inf in the residual")
-        ef = cls(0)
-        ef._residual = residual
-        return ef
-
-
-register(Codec("int8", _int8_encode, _int8_decode, lossless=False, bound=int8_error_bound))
-register(topk_codec(0.1, name="topk"))
-register(topk_codec(0.01, name="topk1"))
+CODECS = (
+    Codec("int8", _int8_encode, _int8_decode, lossless=False, bound=int8_error_bound),
+    topk_codec(0.1, name="topk"),
+    topk_codec(0.01, name="topk1"),
+)
