@@ -58,6 +58,12 @@ from fedsync.topics import Topics
 
 RECENT_ROUNDS = 4  # closed rounds whose accepted update ids are remembered
 PRESENCE_SETTLE = 2.0  # seconds after start before a device never heard from counts as gone
+# A last will stops a round waiting for its device only after this long: a broker that shuts
+# down publishes every client's will an instant before it drops our own connection too.
+OFFLINE_SETTLE = 1.0
+# After our own connection comes back, devices get this long to reconnect (their backoff grew
+# while the broker was away) before a round stops waiting for them.
+RECONNECT_SETTLE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +199,8 @@ class CoordinatorCore:
         self._delta_from = -1  # version whose delta to the current one is published, or -1
         self._offline_since: dict[str, float] = {}
         self._started_at: float | None = None
+        self._link_down = False  # our own broker connection is down: presence is unknown
+        self._reconnected_at: float | None = None
         self._last_model_publish: list[Publish] = []
         get_codec(policy.model_codec), get_codec(policy.update_codec)  # fail fast on a bad name
 
@@ -457,16 +465,31 @@ class CoordinatorCore:
             return self._close(now, "quorum_no_live_pending")
         return []
 
+    def link_lost(self, now: float) -> None:
+        """The coordinator's own broker connection dropped: presence is unknown until it is back."""
+        self._link_down = True
+
+    def link_restored(self, now: float) -> None:
+        """Connected again. Wills published while the broker went down say nothing about the
+        devices (a broker restart fires them all), so they are forgotten, and the devices get
+        RECONNECT_SETTLE seconds to come back online before a round stops waiting for them."""
+        self._link_down = False
+        self._offline_since.clear()
+        self._reconnected_at = now
+
     def _presumed_alive(self, device: str, now: float) -> bool:
-        """Online, or offline for less than ``offline_grace`` (a flaky link, a phone rebooting).
-        Right after a (re)start, presence is still arriving as retained statuses: a device not yet
-        heard from counts as alive for PRESENCE_SETTLE seconds, so a recovered round is not
-        closed before anyone could say they are there."""
-        if device in self.online:
+        """Online, or offline for less than ``max(offline_grace, OFFLINE_SETTLE)`` (a flaky
+        link, a phone rebooting, a broker shutting down). Right after a (re)start, presence is
+        still arriving as retained statuses: a device not yet heard from counts as alive for
+        PRESENCE_SETTLE seconds, so a recovered round is not closed before anyone could say they
+        are there; after our own reconnect, for RECONNECT_SETTLE."""
+        if device in self.online or self._link_down:
+            return True
+        if self._reconnected_at is not None and now - self._reconnected_at < RECONNECT_SETTLE:
             return True
         since = self._offline_since.get(device)
         if since is not None:
-            return now - since < self.policy.offline_grace
+            return now - since < max(self.policy.offline_grace, OFFLINE_SETTLE)
         return self._started_at is not None and now - self._started_at < max(PRESENCE_SETTLE, self.policy.offline_grace)
 
     def _close(self, now: float, reason: str) -> list:

@@ -265,6 +265,7 @@ class CoordinatorService:
         return g.held
 
     def _on_disconnect(self) -> None:
+        self.core.link_lost(self.clock())
         g = self._gate
         if g is not None and g.rival_until is not None:
             # The rival took its session back: it is alive. Never reconnect to fight it.
@@ -283,6 +284,7 @@ class CoordinatorService:
             actions = self._recover(now) + self.core.start(now)
             self.started.set()
             return actions
+        self.core.link_restored(now)
         if not session_present:
             log_event(log, "broker_lost_session", note="republishing retained state")
             return self.core.retained_state(now)

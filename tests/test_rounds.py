@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from coordinator.core import CoordinatorCore, RejectedInput, RoundPolicy
+from coordinator.core import OFFLINE_SETTLE, RECONNECT_SETTLE, CoordinatorCore, RejectedInput, RoundPolicy
 from fedsync.actions import Publish
 from fedsync.messages import RoundManifest, ShardAck, UpdateShard, decode, encode
 from fedsync.params import flatten
@@ -84,11 +84,59 @@ def test_device_gone_mid_round_closes_on_quorum_without_waiting():
         if sim.pending_train and sim.pending_train[0][0] == "dev-2":
             sim.pending_train.pop(0)
             sim.disconnect("dev-2")
+    assert sim.closed() == []  # a will settles for OFFLINE_SETTLE (a broker shutting down fires them all)
+    sim.advance(OFFLINE_SETTLE)
     (closed,) = sim.closed()
     assert (closed.outcome, closed.reason, closed.accepted) == ("committed", "quorum_no_live_pending", ("dev-0", "dev-1"))
     assert sim.coord.stats.devices_offline_detected == 1
-    assert sim.now == 1000.0  # no deadline was needed
+    assert sim.now == 1000.0 + OFFLINE_SETTLE  # no deadline was needed
     assert np.allclose(sim.coord.vector, (10 * 1 + 30 * 2) / 40, atol=1e-6)
+
+
+def test_a_broker_restart_firing_every_will_does_not_cut_the_round_short():
+    """mosquitto publishes every client's will as it shuts down, an instant before the
+    coordinator's own connection drops. The round must wait for the devices to come back."""
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3, round_timeout=60))
+    sim.stalled = {"dev-2"}  # still training when the broker goes down
+    sim.start()
+    sim.settle()
+    assert sim.coord.round is not None and len(sim.coord.round.assembler.accepted_devices) == 2
+    for d in DEVICES:  # the broker shuts down: every will, then our own connection
+        sim.disconnect(d)
+    sim.settle()
+    sim.coord.link_lost(sim.now)
+    sim.advance(5.0)
+    assert sim.closed() == []  # presence is unknown while we are cut off
+    sim.coord.link_restored(sim.now)  # the broker is back
+    sim.advance(RECONNECT_SETTLE / 2)
+    assert sim.closed() == []  # devices get time to reconnect
+    for d in DEVICES:
+        sim.connect(d)
+    sim.stalled.clear()
+    sim.settle()
+    (closed,) = sim.closed()
+    assert (closed.outcome, closed.reason, closed.accepted) == ("committed", "target", tuple(DEVICES))
+    assert sim.coord.stats.devices_offline_detected == 3
+
+
+def test_after_a_reconnect_a_device_that_never_returns_stops_blocking_the_round():
+    sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3, round_timeout=60))
+    sim.stalled = {"dev-2"}
+    sim.start()
+    sim.settle()
+    for d in DEVICES:
+        sim.disconnect(d)
+    sim.settle()
+    sim.coord.link_lost(sim.now)
+    sim.coord.link_restored(sim.now + 1.0)
+    for d in ("dev-0", "dev-1"):  # dev-2 is really gone
+        sim.connect(d)
+    sim.settle()
+    sim.advance(1.0)
+    assert sim.closed() == []
+    sim.advance(RECONNECT_SETTLE)
+    (closed,) = sim.closed()
+    assert (closed.outcome, closed.reason, closed.accepted) == ("committed", "quorum_no_live_pending", ("dev-0", "dev-1"))
 
 
 def test_deadline_commits_with_quorum_and_abandons_without():
