@@ -39,7 +39,6 @@ import numpy as np
 NORM_BOUND = "norm_bound"
 NUM_SAMPLES_BOUND = "num_samples_bound"
 NOT_FINITE = "not_finite"
-REASONS = (NOT_FINITE, NUM_SAMPLES_BOUND, NORM_BOUND)
 
 
 class UpdateScreen:

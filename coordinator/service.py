@@ -305,7 +305,6 @@ class CoordinatorService:
             for topic, payload in rec.shards:
                 # Replay through the ordinary path: dedup makes it idempotent. Already durable.
                 actions += [a for a in self.core.on_message(topic, payload, now) if not isinstance(a, JournalShard)]
-            self.recovered_shards = len(rec.shards)
         log_event(log, "recovered", version=self.core.version, next_round=self.core.next_round_id,
                   open_round=rec.manifest.round_id if rec.manifest else None, shards=len(rec.shards),
                   torn_tail=rec.torn_tail)

@@ -24,8 +24,10 @@ class Outbox:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "outbox.cbor"
+        self._round: int | None = None  # round of the record on disk, once saved or loaded
 
     def save(self, record: OutboxRecord) -> None:
+        self._round = record.round_id
         body = {"round_id": record.round_id, "update_id": record.update_id, "qos": record.qos,
                 "topics": list(record.topics), "payloads": list(record.payloads), "retries": record.retries}
         tmp = self.path.with_suffix(".tmp")
@@ -50,10 +52,16 @@ class Outbox:
                                tuple(bytes(p) for p in b["payloads"]), int(b.get("retries", 0)))
             if not rec.payloads or len(rec.payloads) != len(rec.topics):
                 raise ValueError("topics and payloads differ in length")
+            self._round = rec.round_id
             return rec
         except Exception:  # noqa: BLE001 - any damage: keep the evidence, start clean
             self.path.replace(self.path.with_suffix(".corrupt"))
             return None
 
-    def clear(self, round_id: int | None = None) -> None:
+    def clear(self, round_id: int) -> None:
+        """Delete the record of ``round_id``; a newer round's record stays (a late receipt
+        for an old round must not throw away the update in flight)."""
+        if self._round is not None and self._round != round_id:
+            return
         self.path.unlink(missing_ok=True)
+        self._round = None

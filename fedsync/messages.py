@@ -269,9 +269,6 @@ class ShardAck(_Message):
         if len(self.held) != (self.count + 7) // 8:
             raise ProtocolError("held", "size", f"{len(self.held)} bytes for {self.count} shards")
 
-    def holds(self, index: int) -> bool:
-        return bool(self.held[index // 8] >> (index % 8) & 1)
-
 
 @dataclass(frozen=True, slots=True)
 class PeerStatus(_Message):
