@@ -25,11 +25,17 @@ Example file::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from coordinator.core import RoundPolicy
+from coordinator.strategies import STRATEGY_NAMES
 from device_agent.trainer import DEFAULT_HYPER
-from fedsync.config import BrokerSection
+from fedsync.codecs import codec_names
+from fedsync.config import BROKER_FIELDS, BROKER_FILES, BrokerSection, Checks, above, at_least, one_of
+from fedsync.log import LOG_LEVELS
+from fedsync.signing import SCHEMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,40 @@ class CoordinatorConfig:
     hardening: HardeningSection = HardeningSection()
     signing: SigningSection = SigningSection()
     coordinator: ServiceSection = ServiceSection()
+
+    checks: ClassVar[Checks]
+
+
+def _across(cfg: CoordinatorConfig) -> Iterator[tuple[str, str]]:
+    r = cfg.round
+    if r.target >= 1 and r.quorum > r.target:  # a bad target is reported on its own
+        yield "round.quorum", f"must be <= round.target ({r.target}), got {r.quorum}"
+
+
+CoordinatorConfig.checks = Checks(fields={
+    **BROKER_FIELDS,
+    "round.mode": one_of(("sync", "async", "semisync")),
+    "round.rounds": at_least(0),
+    "round.target": at_least(1),
+    "round.quorum": at_least(1),
+    "round.over_select": at_least(0),
+    "round.min_devices": at_least(1),
+    "round.round_timeout": above(0),
+    "round.shard_values": at_least(1),
+    "round.model_codec": one_of(codec_names),  # a function: codecs registered later count too
+    "round.update_codec": one_of(codec_names),
+    "round.update_qos": one_of((1, 2)),  # QoS 0 would lose shards silently on a reconnect
+    "round.offline_grace": at_least(0),
+    "round.staleness_exponent": at_least(0),
+    "round.max_staleness": at_least(0),
+    "model.kind": one_of(("softmax", "mlp")),
+    "strategy.name": one_of(STRATEGY_NAMES),
+    "hardening.max_update_norm": above(0),
+    "hardening.max_num_samples": at_least(1),
+    "signing.scheme": one_of(SCHEMES),
+    "coordinator.log_level": one_of(LOG_LEVELS),
+    "coordinator.tick_interval": above(0),
+}, files=(*BROKER_FILES, "signing.keys_file"), across=_across)
 
 
 def strategy_factory_from(cfg: CoordinatorConfig, num_params: int):

@@ -1,4 +1,4 @@
-"""``fedsync demo``: a whole federation on loopback, with a progress bar and a summary.
+"""``fedsync demo``: a whole federation on loopback, with a progress bar (stderr) and a summary (stdout).
 
 Starts a broker (the embedded amqtt by default, or a managed mosquitto), a
 coordinator and N device agents in this process (each device with its own
@@ -22,6 +22,7 @@ from broker_config.process import BrokerProcess
 from coordinator.core import RoundPolicy
 from coordinator.federation import LocalFederation, RoundRecord, device_ids, make_users
 from coordinator.strategies import FedAdam
+from coordinator.summary import number, print_summary
 from device_agent.data import union
 from device_agent.trainer import DEFAULT_HYPER, centralised_baseline
 from fedsync.params import flatten
@@ -101,7 +102,7 @@ def run_demo(opts: DemoOptions) -> dict:
     )
     if opts.plot:
         _plot(summary, opts.plot)
-    _print_summary(console, summary)
+    _print_summary(summary)
     if opts.json:
         print(json.dumps(summary))
     return summary
@@ -149,37 +150,32 @@ def _run(console, url: str, users: dict, opts: DemoOptions, policy: RoundPolicy,
     return summary, fed
 
 
-def _print_summary(console, s: dict) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"fedsync demo ({s['mode']})", show_header=False)
+def _print_summary(s: dict) -> None:
     fa, ca = s["final_accuracy"], s["centralised_accuracy"]
     rows = [
-        ("rounds committed / abandoned", f"{s['rounds_completed']} / {s['rounds_abandoned']}"),
-        ("final accuracy (federated)", f"{fa:.4f}" if fa is not None else "-"),
-        ("centralised accuracy (same model, pooled data)", f"{ca:.4f}"),
-        ("gap (percentage points)", f"{100 * (ca - fa):+.2f}" if fa is not None else "-"),
+        ("Rounds committed / abandoned", f"{s['rounds_completed']} / {s['rounds_abandoned']}"),
+        ("Final accuracy (federated)", number(fa)),
+        ("Centralised accuracy (same model, pooled data)", number(ca)),
+        ("Gap (percentage points)", f"{100 * (ca - fa):+.2f}" if fa is not None else "-"),
     ]
     if s["mode"] == "async":
         reached = s["async_seconds_to_sync_accuracy"]
         rows += [
-            ("slow devices (5x)", ", ".join(s["slow_devices"]) or "-"),
-            ("sync: rounds, final accuracy, wall time",
+            ("Slow devices (5x)", ", ".join(s["slow_devices"]) or "-"),
+            ("Sync: rounds, final accuracy, wall time",
              f"{s['sync_rounds']}, {s['sync_final_accuracy']:.4f}, {s['sync_wall_seconds']:.1f} s"),
-            ("async: time to the sync accuracy",
+            ("Async: time to the sync accuracy",
              f"{reached:.1f} s ({s['sync_wall_seconds'] / reached:.1f}x faster)" if reached else "not reached"),
         ]
     rows += [
-        ("updates accepted", str(s["updates_accepted"])),
-        ("duplicate shards dropped", str(s["duplicates_dropped"])),
-        ("shards rejected", str(s["shards_rejected"])),
-        ("bytes up / down", f"{s['bytes_up']:,} / {s['bytes_down']:,}"),
-        ("devices offline detected (last will)", str(s["devices_offline_detected"])),
-        ("wall time", f"{s['wall_seconds']:.1f} s"),
+        ("Updates accepted", number(s["updates_accepted"])),
+        ("Duplicate shards dropped", number(s["duplicates_dropped"])),
+        ("Shards rejected", number(s["shards_rejected"])),
+        ("Bytes up / down", f"{number(s['bytes_up'])} / {number(s['bytes_down'])}"),
+        ("Devices offline detected (last will)", number(s["devices_offline_detected"])),
+        ("Wall time", f"{s['wall_seconds']:.1f} s"),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+    print_summary(f"fedsync demo ({s['mode']})", rows)
 
 
 def _plot(summary: dict, path: str) -> None:

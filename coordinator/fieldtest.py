@@ -35,6 +35,7 @@ from tempfile import TemporaryDirectory
 from broker_config.process import BrokerProcess, mosquitto_available
 from coordinator.core import RoundPolicy
 from coordinator.federation import LocalFederation, RoundRecord, device_ids, make_users
+from coordinator.summary import number, print_summary
 from fedsync.chaos import ChaosProxy, get_profile
 
 
@@ -113,7 +114,7 @@ def run_fieldtest(opts: FieldtestOptions) -> dict:
     report = _report(opts, kind, ref_ok, ref_summary, ref, result, victims, time.perf_counter() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plots(report, out)
-    _print(console, report, out)
+    _print(report, out)
     if opts.json:
         print(json.dumps(report["summary"]))
     return report
@@ -252,16 +253,27 @@ def _plots(report: dict, out: Path) -> None:
         ax.set_title("red: kills, green: restarts", fontsize=9)
 
 
-def _print(console, report: dict, out: Path) -> None:
-    from rich.table import Table
+# The summary's keys in the order printed, with the label a person reads.
+_LABELS = (
+    ("rounds_completed", "Rounds committed"),
+    ("rounds_abandoned", "Rounds abandoned"),
+    ("final_accuracy", "Final accuracy"),
+    ("fault_free_final_accuracy", "Final accuracy without faults"),
+    ("accuracy_gap_pp", "Accuracy gap (percentage points)"),
+    ("updates_accepted", "Updates accepted"),
+    ("updates_double_counted", "Updates counted twice"),
+    ("duplicates_dropped", "Duplicate shards dropped"),
+    ("shards_resent", "Shards re-sent"),
+    ("shards_rejected", "Shards rejected"),
+    ("devices_offline_detected", "Devices offline detected (last will)"),
+    ("bytes_up", "Bytes up"),
+    ("bytes_down", "Bytes down"),
+    ("wall_seconds", "Wall time (seconds)"),
+)
 
+
+def _print(report: dict, out: Path) -> None:
     s = report["summary"]
-    t = Table(title=f"fedsync fieldtest ({s['profile']}, {s['broker']})", show_header=False)
-    for k in ("rounds_completed", "rounds_abandoned", "final_accuracy", "fault_free_final_accuracy",
-              "accuracy_gap_pp", "updates_accepted", "updates_double_counted", "duplicates_dropped",
-              "shards_resent", "shards_rejected", "devices_offline_detected", "bytes_up", "bytes_down",
-              "wall_seconds"):
-        v = s[k]
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    t.add_row("report", str(out / "report.json"))
-    console.print(t)
+    rows = [(label, number(s[key], digits=2 if key in ("accuracy_gap_pp", "wall_seconds") else 4))
+            for key, label in _LABELS]
+    print_summary(f"fedsync fieldtest ({s['profile']}, {s['broker']})", [*rows, ("Report", str(out / "report.json"))])

@@ -46,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from coordinator.core import RoundClosed
+from fedsync.errors import OperatorError
 from fedsync.log import log_event
 
 log = logging.getLogger("fedsync.metrics")
@@ -140,7 +141,13 @@ class MetricsServer:
         self._previous = None  # the handler we chained onto
         self._hook = self._make_hook()
         self._install_hook()
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # the port is the operator's to fix: one line, not a traceback
+            with self._lock:
+                self.service.on_event = self._previous  # leave the service as we found it
+            reason = exc.strerror or str(exc)
+            raise OperatorError(f"metrics port {port}: {reason[:1].lower()}{reason[1:]}") from None
         self.host = host
         self.port = int(self._httpd.server_address[1])  # the real port when 0 was asked for
         log_event(log, "metrics_listening", logging.DEBUG, url=self.url)
@@ -188,6 +195,7 @@ def serve_metrics(service: Any, port: int, host: str = "127.0.0.1") -> MetricsSe
 
     ``port=0`` picks a free port (``MetricsServer.port``). Call it after
     ``service.on_event`` is set; the existing handler keeps being called.
+    A port that cannot be bound raises :class:`fedsync.errors.OperatorError`.
 
     >>> # server = serve_metrics(service, 9464); ...; server.stop()
     """

@@ -16,9 +16,13 @@ Example file::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
-from fedsync.config import BrokerSection
+from fedsync.config import BROKER_FIELDS, BROKER_FILES, BrokerSection, Checks, above, at_least, one_of
+from fedsync.log import LOG_LEVELS
+from fedsync.signing import SCHEMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +66,24 @@ class AgentConfig:
     federation: FederationSection = FederationSection()
     agent: AgentSection = AgentSection()
     data: DataSection = DataSection()
+
+    checks: ClassVar[Checks]
+
+
+def _across(cfg: AgentConfig) -> Iterator[tuple[str, str]]:
+    d = cfg.data
+    if d.index is not None and d.num_devices >= 1 and d.index >= d.num_devices:
+        yield "data.index", f"must be < data.num_devices ({d.num_devices}), got {d.index}"
+
+
+AgentConfig.checks = Checks(fields={
+    **BROKER_FIELDS,
+    "agent.resend_after": above(0),
+    "agent.train_delay": at_least(0),
+    "agent.signing_scheme": one_of(SCHEMES),
+    "agent.log_level": one_of(LOG_LEVELS),
+    "data.source": one_of(("synthetic",)),
+    "data.num_devices": at_least(1),
+    "data.index": at_least(0),
+    "data.model": one_of(("softmax", "mlp")),
+}, files=(*BROKER_FILES, "agent.signing_key_file"), across=_across)

@@ -9,24 +9,46 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
 import threading
+import traceback
+from typing import ClassVar
 
-from fedsync.config import BrokerSection, ConfigError, credentials_from, load_config
-from fedsync.log import configure, log_event
+from fedsync.config import (BROKER_FIELDS, BROKER_FILES, BrokerSection, Checks, ConfigError, credentials_from,
+                            load_config)
+from fedsync.errors import OperatorError
+from fedsync.log import LOG_LEVELS, configure, log_event
 
 log = logging.getLogger("fedsync.cli")
 
 
-def _broker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (overrides [broker] url)")
-    p.add_argument("--username", help="broker user (default: the client id)")
-    p.add_argument("--password-file", help="file whose first line is the broker password")
-    p.add_argument("--ca-file", help="CA bundle for TLS")
-    p.add_argument("--config", help="TOML config file")
-    p.add_argument("--log-level", default=None, help="debug, info, warning")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedsync")
+    except PackageNotFoundError:  # a checkout on sys.path that was never installed
+        return "unknown (not installed)"
+
+
+# The names of fedsync.chaos.PROFILES, written out so that --help need not import the proxy;
+# tests/test_operator_errors.py checks that the two lists agree.
+CHAOS_PROFILES = ("clean", "wifi-flaky", "cellular-3g", "blackout")
+
+
+def _broker_flags(p: argparse.ArgumentParser, user: str, log_level: str = "from config, info") -> None:
+    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS "
+                   "(default: from config, mqtt://127.0.0.1:1883)")
+    p.add_argument("--username", help=f"broker user name (default: {user})")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="file whose first line is the broker password (default: from config, none)")
+    p.add_argument("--ca-file", metavar="FILE", help="CA bundle that verifies the broker's TLS certificate "
+                   "(default: from config, none: the system's CAs)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: none, every key at its default)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help=f"debug also shows tracebacks (default: {log_level})")
 
 
 def _broker_overrides(a: argparse.Namespace) -> dict:
@@ -36,81 +58,144 @@ def _broker_overrides(a: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsync", description="Federated-learning parameter sync over MQTT.")
+    parser.add_argument("--version", action="version", version=f"fedsync {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the embedded amqtt broker (demos and labs; mosquitto in the field)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--users", help="file of 'name:password' lines; without it, anonymous login is allowed")
-    p.add_argument("--acl-federation", help="with --users: enforce the fedsync topic ACL for this federation "
-                   "(every user but 'coordinator' and 'monitor' is a device; client id must equal user)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=1883, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--users", metavar="FILE",
+                   help="file of 'name:password' lines (default: none, anyone who reaches the port may log in)")
+    p.add_argument("--acl-federation", metavar="NAME", help="with --users: enforce the fedsync topic ACL for this "
+                   "federation; every user but 'coordinator' and 'monitor' is a device, whose client id must equal "
+                   "its user name (default: none, no ACL)")
 
     p = sub.add_parser("broker-config", help="render a ready mosquitto setup (TLS, passwords, ACL)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("coordinator", help="run the coordinator")
-    _broker_flags(p)
-    p.add_argument("--federation")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--target", type=int)
-    p.add_argument("--quorum", type=int)
-    p.add_argument("--min-devices", type=int)
-    p.add_argument("--round-timeout", type=float)
-    p.add_argument("--state-dir", help="journal and checkpoints (crash recovery)")
-    p.add_argument("--mode", choices=["sync", "async", "semisync"])
-    p.add_argument("--strategy", help="aggregation strategy name (see docs/protocol.md)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    _broker_flags(p, user="from config, else the client id 'coordinator'")
+    p.add_argument("--federation", metavar="NAME",
+                   help="federation name, the topic root fedsync/NAME/ (default: from config, demo)")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="committed rounds to run, 0 = run forever (count; default: from config, 20)")
+    p.add_argument("--target", type=int, metavar="N",
+                   help="accepted updates that commit a round at once (count; default: from config, 10)")
+    p.add_argument("--quorum", type=int, metavar="N",
+                   help="accepted updates that commit a round at its deadline (count; default: from config, 1)")
+    p.add_argument("--min-devices", type=int, metavar="N",
+                   help="devices online before a round opens (count; default: from config, 1)")
+    p.add_argument("--round-timeout", type=float, metavar="SECONDS",
+                   help="from a round's manifest to its deadline (seconds; default: from config, 60.0)")
+    p.add_argument("--state-dir", metavar="DIR", help="journal and checkpoints, for crash recovery "
+                   "(default: from config, none: in memory only)")
+    p.add_argument("--mode", choices=["sync", "async", "semisync"], help="round rule (default: from config, sync)")
+    p.add_argument("--strategy", metavar="NAME", help="aggregation strategy, e.g. fedavg, median, krum; "
+                   "all names in docs/protocol.md (default: from config, fedavg)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on "
+                   "http://127.0.0.1:PORT/metrics (TCP port; default: none, no metrics)")
+    p.add_argument("--takeover", action="store_true",
+                   help="start even if another coordinator of this federation is online; the old one stands down")
 
     p = sub.add_parser("agent", help="run one device agent (built-in synthetic data)")
-    _broker_flags(p)
-    p.add_argument("--device-id")
-    p.add_argument("--federation")
-    p.add_argument("--state-dir", help="persistent outbox (resume uploads after a restart)")
+    _broker_flags(p, user="from config, else the device id")
+    p.add_argument("--device-id", metavar="ID",
+                   help="this device's id, also its MQTT client id (default: from config; required)")
+    p.add_argument("--federation", metavar="NAME",
+                   help="federation name, the topic root fedsync/NAME/ (default: from config, demo)")
+    p.add_argument("--state-dir", metavar="DIR", help="persistent outbox: uploads resume after a restart "
+                   "(default: from config, none: in memory only)")
+    p.add_argument("--data-index", type=int, metavar="N", help="which synthetic data slice to train on, "
+                   "0 <= N < data.num_devices (default: from config, else taken from the device id)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the campaign finishes instead of waiting for the next one")
 
     p = sub.add_parser("status", help="print the retained manifest and device presence")
-    _broker_flags(p)
-    p.add_argument("--federation", default="demo")
-    p.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")
+    _broker_flags(p, user="from config, none", log_level="warning")
+    p.add_argument("--federation", default="demo", metavar="NAME", help="federation to look at (default: %(default)s)")
+    p.add_argument("--wait", type=float, default=1.5, metavar="SECONDS",
+                   help="time to collect retained messages (seconds; default: %(default)s)")
 
     p = sub.add_parser("chaos", help="fault-injecting TCP proxy between agents and broker", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("fieldtest", help="the federation through a chaos proxy, with crashes; writes a report")
-    p.add_argument("--devices", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--profile", default="wifi-flaky", help="chaos link profile (docs/chaos.md)")
-    p.add_argument("--kill-fraction", type=float, default=0.2, help="devices killed mid-upload and restarted")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fieldtest-report", help="directory for report.json and the plots")
-    p.add_argument("--json", action="store_true", help="last line of stdout: the summary as JSON")
+    p.add_argument("--devices", type=int, default=20, metavar="N", help="device agents (count; default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=15, metavar="N",
+                   help="committed rounds to run (count; default: %(default)s)")
+    p.add_argument("--profile", default="wifi-flaky", choices=CHAOS_PROFILES,
+                   help="chaos link profile, described in docs/chaos.md (default: %(default)s)")
+    p.add_argument("--kill-fraction", type=float, default=0.2, metavar="F",
+                   help="fraction of devices killed mid-upload and restarted (0 to 1; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the selection and the link faults "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="fieldtest-report", metavar="DIR",
+                   help="directory for report.json and the plots (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line of stdout")
 
     p = sub.add_parser("demo", help="run a whole federation on loopback")
-    p.add_argument("--devices", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--broker-kind", choices=["amqtt", "mosquitto"], default="amqtt")
+    p.add_argument("--devices", type=int, default=10, metavar="N", help="device agents (count; default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=20, metavar="N",
+                   help="committed rounds to run (count; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the selection (default: %(default)s)")
+    p.add_argument("--broker-kind", choices=["amqtt", "mosquitto"], default="amqtt",
+                   help="broker to start on loopback (default: %(default)s)")
     p.add_argument("--mode", choices=["sync", "async", "semisync"], default="sync",
-                   help="async: run sync and FedBuff with 30%% of devices 5x slower and compare wall times")
-    p.add_argument("--slow", type=int, help="devices that are --slow-factor times slower")
-    p.add_argument("--slow-factor", type=float, default=5.0)
-    p.add_argument("--codec", default="zstd", help="update codec (see docs/protocol.md)")
-    p.add_argument("--kill", type=int, default=0, help="devices to kill after the first round")
-    p.add_argument("--plot", help="write accuracy per round as a PNG here")
-    p.add_argument("--json", action="store_true", help="last line of stdout: the summary as JSON")
+                   help="async: run sync and FedBuff with 30%% of devices 5x slower and compare wall times "
+                   "(default: %(default)s)")
+    p.add_argument("--slow", type=int, metavar="N", help="devices that are --slow-factor times slower "
+                   "(count; default: 30%% of --devices with --mode async, else 0)")
+    p.add_argument("--slow-factor", type=float, default=5.0, metavar="X",
+                   help="how many times slower a slow device trains (factor; default: %(default)s)")
+    p.add_argument("--codec", default="zstd", help="update codec, e.g. zstd, raw, fp16, int8, topk; "
+                   "all names in docs/protocol.md (default: %(default)s)")
+    p.add_argument("--kill", type=int, default=0, metavar="N",
+                   help="devices to kill after the first round (count; default: %(default)s)")
+    p.add_argument("--plot", metavar="FILE", help="write accuracy per round as a PNG here (default: none, no plot)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line of stdout")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command. Exit codes: 0 done, 1 trouble at run time, 2 a config or usage error, 130 Ctrl-C.
+
+    A mistake of the operator's is one line per problem on stderr, ``fedsync <command>: ...``;
+    the traceback only with ``--log-level debug``.
+    """
+    try:
+        code = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a reader that went away (| head) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The Python docs' recipe (signal module, "Note on SIGPIPE"): what is still buffered goes to
+        # devnull, so the flush at exit cannot fail a second time with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] in (["broker-config"], ["chaos"]):  # their own parsers, including -h
         return cmd_broker_config_argv(argv[1:]) if argv[0] == "broker-config" else cmd_chaos_argv(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed --help, --version or the usage error
+        return exc.code if isinstance(exc.code, int) else 0
+    command = args.command
+    debug = getattr(args, "log_level", None) == "debug"
+    try:
+        return _COMMANDS[command](args)
     except ConfigError as exc:
-        print(f"fedsync: config error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        for problem in exc.problems:
+            print(f"fedsync {command}: config error: {problem}", file=sys.stderr)
         return 2
+    except OperatorError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"fedsync {command}: {exc.message}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
 
@@ -132,8 +217,12 @@ def cmd_broker(a: argparse.Namespace) -> int:
         log_event(log, "anonymous_broker", logging.WARNING, note="no --users: anyone who reaches the port may connect")
         run_embedded(a.host, a.port, None)
         return 0
+    try:
+        lines = open(a.users).read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"users: cannot read {a.users}: {exc.strerror} (command line)") from None
     users = {}
-    for n, line in enumerate(open(a.users).read().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip() and not line.startswith("#"):
             name, sep, pw = line.partition(":")
             if not sep:
@@ -221,7 +310,11 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     if a.metrics_port is not None:
         from coordinator.metrics import serve_metrics
 
-        metrics = serve_metrics(service, a.metrics_port)
+        try:
+            metrics = serve_metrics(service, a.metrics_port)
+        except OperatorError:  # the port is taken: leave the broker cleanly before main prints the line
+            service.stop()
+            raise
         log_event(log, "metrics_serving", url=f"http://127.0.0.1:{metrics.port}/metrics")
     _wait_for_signal(stop)
     service.stop()
@@ -249,7 +342,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
 
     cfg = load_config(AgentConfig, a.config, {**_broker_overrides(a), "agent.device_id": a.device_id,
                                               "federation.name": a.federation, "agent.log_level": a.log_level,
-                                              "agent.state_dir": a.state_dir})
+                                              "agent.state_dir": a.state_dir, "data.index": a.data_index})
     configure(cfg.agent.log_level)
     device_id = cfg.agent.device_id
     if not device_id:
@@ -390,6 +483,8 @@ from dataclasses import dataclass  # noqa: E402
 @dataclass(frozen=True, slots=True)
 class _StatusConfig:
     broker: BrokerSection = BrokerSection()
+
+    checks: ClassVar[Checks] = Checks(BROKER_FIELDS, BROKER_FILES)
 
 
 _COMMANDS = {"broker": cmd_broker, "broker-config": cmd_broker_config, "coordinator": cmd_coordinator, "agent": cmd_agent,

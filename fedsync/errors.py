@@ -1,8 +1,9 @@
-"""The one error type that crosses the wire boundary.
+"""The one error type that crosses the wire boundary, and the few that end a process.
 
 Every decoder in fedsync raises :class:`ProtocolError` for bad input and nothing
 else, so a service can catch exactly one type, log it, count it by reason and go
 on serving. The message always names the field and the reason.
+:class:`EncodeError` is our own bug; :class:`OperatorError` is the operator's to fix.
 """
 
 from __future__ import annotations
@@ -39,3 +40,19 @@ class EncodeError(RuntimeError):
         self.kind = kind
         self.error = err
         super().__init__(f"cannot encode our own {kind}: {err}")
+
+
+class OperatorError(RuntimeError):
+    """Trouble at run time that the operator fixes, not a bug: a port in use, say.
+
+    The command line prints ``fedsync <command>: <message>`` as one line, without a
+    traceback, and exits with ``code``.
+
+    >>> str(OperatorError("metrics port 9464: address already in use"))
+    'metrics port 9464: address already in use'
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        self.message = message
+        self.code = code
+        super().__init__(message)

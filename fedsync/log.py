@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # what configure, the configs and --log-level accept
+
 
 def format_event(event: str, fields: dict) -> str:
     parts = [event]
