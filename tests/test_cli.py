@@ -49,7 +49,7 @@ def test_coordinator_and_agent_processes_survive_an_agent_kill_9(tmp_path: Path)
                 extra = ["--config", str(tmp_path / "slow.toml")] if i == 2 else []
                 procs[f"dev-{i}"] = subprocess.Popen(
                     [*FEDSYNC, "agent", "--broker", broker.url, "--device-id", f"dev-{i}",
-                     "--password-file", str(tmp_path / f"dev-{i}.pw"), *extra],
+                     "--password-file", str(tmp_path / f"dev-{i}.pw"), "--once", *extra],
                     stderr=(tmp_path / f"dev-{i}.log").open("w"), env=env)
             deadline = time.monotonic() + 60
             while "round_committed round=1 " not in coord_log.read_text():
