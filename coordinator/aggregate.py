@@ -4,10 +4,17 @@ A strategy sees each verified update once, as it completes (``add``), and is
 asked for the new global model when the round commits (``finish``). Streaming
 keeps memory at O(model), not O(devices x model): FedAvg folds each delta into
 one float64 running sum with an in-place scaled add.
+
+A ``strategy_factory`` (called once per round opened) may carry state from one
+round to the next: a server optimiser's moments, a noise generator. Such a
+factory has ``state()`` and ``load_state(state)`` (:class:`StatefulFactory`), and
+the coordinator's checkpoint holds that state; :func:`factory_state` and
+:func:`load_factory_state` treat any other callable as stateless.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -36,6 +43,62 @@ class Strategy(Protocol):
     def add(self, delta: np.ndarray, num_samples: int) -> None: ...
 
     def finish(self, global_vector: np.ndarray) -> np.ndarray | None: ...
+
+
+# What a factory carries across rounds, by name: arrays (kept as raw bytes with dtype and
+# shape in checkpoint.cbor), numbers and short strings (a generator's name).
+StrategyState = dict[str, np.ndarray | int | float | str]
+
+
+class StatefulFactory(Protocol):
+    """A ``strategy_factory`` whose strategies share state across rounds.
+
+    ``state()`` returns that state as it is after the last committed round (copies: later
+    rounds must not change a checkpoint already taken). ``load_state(state)`` puts back what
+    ``state()`` returned, as an earlier incarnation of the coordinator left it; ``{}`` (a
+    checkpoint from before strategy state was kept) leaves the state as it is. It raises
+    ``ValueError`` for state of another kind (another strategy, another model size).
+    """
+
+    def __call__(self, num_params: int) -> Strategy: ...
+
+    def state(self) -> StrategyState: ...
+
+    def load_state(self, state: Mapping[str, object]) -> None: ...
+
+
+def factory_state(factory: Callable[[int], Strategy]) -> StrategyState:
+    """``factory.state()``, or ``{}`` for a factory without state (a plain callable).
+
+    >>> factory_state(lambda n: FedAvg(n))
+    {}
+    """
+    state = getattr(factory, "state", None)
+    return {} if state is None else state()
+
+
+def load_factory_state(factory: Callable[[int], Strategy], state: Mapping[str, object]) -> None:
+    """``factory.load_state(state)``; a plain callable takes ``{}`` only.
+
+    >>> load_factory_state(lambda n: FedAvg(n), {"velocity": np.zeros(2)})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: the strategy factory keeps no state between rounds; the checkpoint holds ['velocity'] ...
+    """
+    load = getattr(factory, "load_state", None)
+    if load is not None:
+        load(state)
+    elif state:
+        raise ValueError(f"the strategy factory keeps no state between rounds; the checkpoint holds "
+                         f"{sorted(state)} (written under another strategy?)")
+
+
+def check_delta(delta: np.ndarray, num_params: int) -> None:
+    """Raise ``ValueError`` unless ``delta`` has shape (num_params,).
+
+    Without this a length-1 delta would broadcast silently over the whole model.
+    """
+    if delta.shape != (num_params,):
+        raise ValueError(f"delta has shape {delta.shape}, expected ({num_params},)")
 
 
 class FedAvg:
@@ -87,3 +150,17 @@ class FedAvg:
             return None
         step = self._sum / self._weight
         return (global_vector.astype(np.float64) + self.server_lr * step).astype(np.float32)
+
+
+def mean_delta(acc: FedAvg, num_params: int) -> np.ndarray | None:
+    """The (weighted) mean delta a FedAvg accumulated, float64: its step from a zero model.
+
+    ``None`` when nothing was added.
+
+    >>> acc = FedAvg(1); acc.add(np.array([1.0], np.float32), 1); acc.add(np.array([4.0], np.float32), 2)
+    >>> mean_delta(acc, 1).tolist(), mean_delta(FedAvg(1), 1)
+    ([3.0], None)
+    """
+    if acc.count == 0:
+        return None
+    return acc.finish(np.zeros(num_params, np.float32)).astype(np.float64)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from coordinator import model_store
-from coordinator.aggregate import FedAvg, Strategy
+from coordinator.aggregate import FedAvg, Strategy, factory_state, load_factory_state
 from coordinator.assembler import RoundLayout, ShardAssembler, ShardOutcome
 from fedsync.actions import Publish
 from fedsync.codecs import get_codec
@@ -185,6 +185,7 @@ class CoordinatorCore:
         self.next_round_id = first_round_id
         self.finished = False
         self.closed_through = first_round_id - 1  # id of the last round that closed
+        # Its state across rounds (a server optimiser's moments, a noise generator) is in checkpoints.
         self._strategy_factory = strategy_factory or (lambda n: FedAvg(n))
         # Accepted update ids of the last few closed rounds, so late redeliveries count as duplicates.
         self._recent: dict[int, dict[str, str]] = {}
@@ -207,16 +208,21 @@ class CoordinatorCore:
     # -- durability ----------------------------------------------------------
 
     def checkpoint(self) -> Checkpoint:
+        """The committed state. ``_close`` takes it right after the strategy's ``finish``, so the
+        strategy state in it is the state after that round's step (an abandoned round takes none)."""
         s = self.stats
         stats = {f: getattr(s, f) for f in s.__dataclass_fields__ if f != "rejected_by_reason"}
         stats["rejected_by_reason"] = dict(s.rejected_by_reason)
         return Checkpoint(self.version, self.vector.copy(), self.next_round_id, self.closed_through, self.finished,
-                          {r: dict(d) for r, d in self._recent.items()}, stats)
+                          {r: dict(d) for r, d in self._recent.items()}, stats,
+                          factory_state(self._strategy_factory))
 
     def restore(self, ck: Checkpoint) -> None:
         """Load a checkpoint written by an earlier incarnation (before ``start``)."""
         if ck.vector.size != self.vector.size:
             raise ValueError(f"checkpoint has {ck.vector.size} params, the model has {self.vector.size}")
+        # First: state of another strategy raises ValueError before anything else is restored.
+        load_factory_state(self._strategy_factory, ck.strategy_state)
         self.version, self.vector = ck.version, ck.vector.astype(np.float32)
         self.next_round_id, self.finished = ck.next_round_id, ck.finished
         self.closed_through = ck.closed_through
@@ -613,6 +619,9 @@ class Checkpoint:
     finished: bool
     recent: dict[int, dict[str, str]]
     stats: dict[str, object]
+    # The strategy factory's state across rounds (coordinator.aggregate.StatefulFactory): FedAvgM's
+    # velocity, FedAdam's moments, dp_fedavg's noise generator; {} for the others and old checkpoints.
+    strategy_state: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

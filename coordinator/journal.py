@@ -6,9 +6,15 @@ Theory of operation
 
 * ``checkpoint.cbor`` — the committed state (:class:`coordinator.core.Checkpoint`:
   model version and vector, next round id, recently accepted update ids,
-  counters). Written to a temporary file, fsync'd, then renamed over the old
-  one (POSIX rename is atomic), so a crash leaves either the old or the new
-  checkpoint, never half of one.
+  counters, and the aggregation strategy's state across rounds: FedAvgM's
+  velocity, FedAdam's moments, dp_fedavg's noise generator). Written to a
+  temporary file, fsync'd, then renamed over the old one (POSIX rename is
+  atomic), so a crash leaves either the old or the new checkpoint, never half
+  of one. The vector is raw little-endian float32 bytes; a strategy-state array
+  is ``{"dtype", "shape", "data"}`` with its raw little-endian bytes (float64
+  moments stay float64: a restarted coordinator steps exactly as the crashed
+  one would have). A checkpoint from before ``strategy_state`` existed loads
+  with ``{}``: the strategy keeps the state it starts with.
 * ``round-{id}.log`` — the open round: a header record with the manifest, then
   one record per shard the coordinator newly held, in arrival order. Records
   are ``u32 length`` + CBOR ``[topic, payload]``. The service appends the
@@ -20,11 +26,14 @@ Theory of operation
 Recovery is replay: restore the checkpoint, re-open the round from its
 manifest, feed every journalled shard through the core's ordinary
 ``on_message``. The assembler's dedup makes replay idempotent, so a shard
-journalled twice still counts once.
+journalled twice still counts once. The checkpoint is taken after the
+committing round's strategy stepped, so the replayed round steps from the
+state the crashed coordinator had when it opened that round.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -62,7 +71,8 @@ class Journal:
     def write_checkpoint(self, ck: Checkpoint) -> None:
         body = {"version": ck.version, "vector": np.ascontiguousarray(ck.vector, "<f4").tobytes(),
                 "next_round_id": ck.next_round_id, "closed_through": ck.closed_through, "finished": ck.finished,
-                "recent": {int(r): d for r, d in ck.recent.items()}, "stats": ck.stats}
+                "recent": {int(r): d for r, d in ck.recent.items()}, "stats": ck.stats,
+                "strategy_state": {k: _encode_state_value(k, v) for k, v in ck.strategy_state.items()}}
         _atomic_write(self.dir / "checkpoint.cbor", cbor2.dumps(body))
         # Round logs at or before the checkpoint are settled: the checkpoint supersedes them.
         for path in self.dir.glob("round-*.log"):
@@ -111,7 +121,8 @@ class Journal:
             body = cbor2.loads(path.read_bytes())
             ck = Checkpoint(body["version"], np.frombuffer(body["vector"], "<f4").astype(np.float32),
                             body["next_round_id"], body["closed_through"], body["finished"],
-                            {int(r): d for r, d in body["recent"].items()}, body["stats"])
+                            {int(r): d for r, d in body["recent"].items()}, body["stats"],
+                            {k: _decode_state_value(k, v) for k, v in body.get("strategy_state", {}).items()})
         logs = sorted(self.dir.glob("round-*.log"), key=lambda p: int(p.stem.split("-")[1]))
         if not logs:
             return Recovered(ck)
@@ -135,6 +146,30 @@ class Journal:
         if rec.manifest is None or (ck is not None and rec.manifest.round_id <= ck.closed_through):
             return Recovered(ck)  # that round closed after the log was written: settled
         return rec
+
+
+def _encode_state_value(key: str, value: object) -> object:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in _ARRAY_KINDS:
+            raise ValueError(f"strategy state {key!r}: cannot store an array of dtype {value.dtype}")
+        wire = value.dtype.newbyteorder("<")
+        return {"dtype": wire.str, "shape": list(value.shape), "data": np.ascontiguousarray(value, wire).tobytes()}
+    if isinstance(value, (bool, int, float, str)):
+        return value  # CBOR has them all; ints beyond 64 bits (a PCG64 state) as bignums (RFC 8949 §3.4.3)
+    raise ValueError(f"strategy state {key!r}: cannot store a {type(value).__name__}")
+
+
+def _decode_state_value(key: str, value: object) -> object:
+    if not isinstance(value, dict):
+        return value
+    dtype = np.dtype(value["dtype"])
+    shape = tuple(value["shape"])
+    if dtype.kind not in _ARRAY_KINDS or len(value["data"]) != dtype.itemsize * math.prod(shape):
+        raise ValueError(f"checkpoint: strategy state {key!r} is not {math.prod(shape)} values of {dtype}")
+    return np.frombuffer(value["data"], dtype).reshape(shape).astype(dtype.newbyteorder("="))  # a writable copy
+
+
+_ARRAY_KINDS = "biuf"  # numbers only: never an object array
 
 
 def _bytes_head(n: int) -> bytes:

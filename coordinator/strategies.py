@@ -1,4 +1,4 @@
-"""Aggregation strategies beyond FedAvg: server optimisers, robust rules, central DP.
+"""Aggregation strategies beyond FedAvg: robust rules, central DP, and the registry.
 
 Theory of operation
 -------------------
@@ -13,8 +13,9 @@ vector or ``None``: keep the previous model (the core then abandons the round).
 Two families, and a registry:
 
 * Streaming means, O(model) memory: :class:`~coordinator.aggregate.FedAvg`,
-  :class:`CentralDP`, and the server optimisers :class:`FedAvgM` and :class:`FedAdam`
-  (:class:`ServerOptimizer`), whose state (momentum, moments) must outlive a round.
+  :class:`CentralDP` (:mod:`coordinator.central_dp`), and the server optimisers
+  :class:`FedAvgM` and :class:`FedAdam` (:mod:`coordinator.server_opt`), whose state
+  (momentum, moments) must outlive a round. Both modules are re-exported here.
 * Rules that need every update at once (:class:`Median`, :class:`TrimmedMean`,
   :class:`Krum`). Updates are spooled to a K x P float32 ``numpy.memmap`` in a temp
   directory (:class:`UpdateSpool`) and read back in column blocks, so RAM stays at
@@ -29,6 +30,14 @@ It calls ``add`` for each accepted update, and ``finish`` only if the round comm
 An abandoned round's strategy is dropped without ``finish``. Its spool file goes with it
 (a ``weakref.finalize``), and a server optimiser's state stays as it was: the next
 call to the factory throws the half-filled round away.
+
+State across rounds, and crash recovery: every factory :func:`make_strategy_factory`
+returns has ``state()`` and ``load_state()`` (:class:`coordinator.aggregate.StatefulFactory`),
+and the core's checkpoint carries that state. Three strategies have any: FedAvgM
+(``velocity``) and FedAdam (``m``, ``v``), each with its step count, and dp_fedavg, whose
+one noise generator serves all its rounds (its state, flattened; see
+:mod:`coordinator.central_dp`). Median, trimmed mean and Krum start from nothing every
+round: their state is ``{}``.
 """
 
 from __future__ import annotations
@@ -38,17 +47,19 @@ import math
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from coordinator.aggregate import FedAvg, Strategy
+from coordinator.aggregate import FedAvg, Strategy, StrategyState, check_delta
+from coordinator.central_dp import CentralDP, clip_by_norm, gaussian_noise, generator_state, load_generator_state
+from coordinator.server_opt import FedAdam, FedAvgM, OptimizerRounds, ServerOptimizer
 
 __all__ = [
-    "STRATEGY_NAMES", "CentralDP", "FedAdam", "FedAvgM", "Krum", "Median", "ServerOptimizer",
-    "TrimmedMean", "UpdateSpool", "clip_by_norm", "coordinate_median", "gaussian_noise", "krum_scores",
-    "make_strategy_factory", "multi_krum", "trimmed_mean",
+    "STRATEGY_NAMES", "CentralDP", "FedAdam", "FedAvgM", "Krum", "Median", "OptimizerRounds", "PerRoundFactory",
+    "ServerOptimizer", "TrimmedMean", "UpdateSpool", "clip_by_norm", "coordinate_median", "gaussian_noise",
+    "generator_state", "krum_scores", "load_generator_state", "make_strategy_factory", "multi_krum", "trimmed_mean",
 ]
 
 # Values read back from a spool at once (K rows x this/K columns, 32 MiB as float64):
@@ -175,48 +186,7 @@ def multi_krum(updates: np.ndarray, num_byzantine: int, m: int, *,
     return _mean_of_rows(updates, _lowest(scores, m))
 
 
-def clip_by_norm(delta: np.ndarray, max_norm: float) -> np.ndarray:
-    """``delta`` scaled down to L2 norm ``max_norm`` if it is longer; same dtype.
-
-    A delta already within the bound is returned as is (the same object, not a copy).
-    Raises ``ValueError`` unless max_norm is finite and > 0.
-
-    >>> clip_by_norm(np.array([6.0, 8.0]), 5.0).tolist()
-    [3.0, 4.0]
-    >>> clip_by_norm(np.array([0.3, 0.4]), 5.0).tolist()
-    [0.3, 0.4]
-    """
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"max_norm must be finite and > 0, got {max_norm}")
-    wide = delta.astype(np.float64, copy=False)
-    norm = float(np.linalg.norm(wide))
-    if norm <= max_norm:
-        return delta
-    return (wide * (max_norm / norm)).astype(delta.dtype, copy=False)  # one rounding, not two
-
-
-def gaussian_noise(shape: int | tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
-    """Independent N(0, std^2) values, float64, drawn from the caller's ``rng``.
-
-    Raises ``ValueError`` unless std is finite and >= 0 (std = 0 gives zeros).
-
-    >>> gaussian_noise(3, 0.0, np.random.default_rng(0)).tolist()
-    [0.0, 0.0, 0.0]
-    >>> gaussian_noise((2, 2), 1.0, np.random.default_rng(0)).shape
-    (2, 2)
-    """
-    if not (math.isfinite(std) and std >= 0):
-        raise ValueError(f"std must be finite and >= 0, got {std}")
-    return rng.normal(0.0, std, size=shape)
-
-
 # -- the update spool -------------------------------------------------------------
-
-
-def _check_delta(delta: np.ndarray, num_params: int) -> None:
-    # Without this a length-1 delta would broadcast silently over the whole model.
-    if delta.shape != (num_params,):
-        raise ValueError(f"delta has shape {delta.shape}, expected ({num_params},)")
 
 
 class UpdateSpool:
@@ -258,7 +228,7 @@ class UpdateSpool:
 
     def append(self, delta: np.ndarray) -> None:
         """Store one update as the next row (cast to float32)."""
-        _check_delta(delta, self.num_params)
+        check_delta(delta, self.num_params)
         if self._path is None:
             directory = tempfile.mkdtemp(prefix="fedsync-spool-", dir=self.dir)
             self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
@@ -427,194 +397,57 @@ class Krum(_SpooledRule):
         return _mean_of_rows(rows, self.selected)
 
 
-# -- streaming means with state or noise ------------------------------------------
-
-
-def _mean_delta(acc: FedAvg, num_params: int) -> np.ndarray | None:
-    """The (weighted) mean delta a FedAvg accumulated: its step from a zero model."""
-    if acc.count == 0:
-        return None
-    return acc.finish(np.zeros(num_params, np.float32)).astype(np.float64)
-
-
-class ServerOptimizer:
-    """A long-lived server optimiser fed one mean delta (pseudo-gradient) per round.
-
-    The object outlives rounds because its state does; subclasses define ``_step``.
-    Give the core ``strategy_factory=opt.factory()``. Each call (one per round opened)
-    starts a fresh round accumulator (a :class:`~coordinator.aggregate.FedAvg`), throwing
-    away any left by an abandoned round, and returns the optimiser itself as that round's
-    strategy: one round at a time, as the core runs them. ``finish`` returns ``None``
-    when no update was added: keep the previous model; the state is then unchanged.
-    The state lives in memory only: a restarted coordinator starts it afresh.
-
-    >>> opt = FedAvgM(3, momentum=0.9)
-    >>> new_round = opt.factory()   # CoordinatorCore(..., strategy_factory=new_round)
-    >>> new_round(3) is opt, opt.steps
-    (True, 0)
-    """
-
-    def __init__(self, num_params: int, *, weighted: bool) -> None:
-        if num_params < 1:
-            raise ValueError(f"num_params must be >= 1, got {num_params}")
-        self.num_params = num_params
-        self.weighted = weighted
-        self.steps = 0  # rounds applied so far
-        self._round: FedAvg | None = None
-
-    def factory(self) -> Callable[[int], Strategy]:
-        """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore`."""
-        def start_round(num_params: int) -> Strategy:
-            if num_params != self.num_params:
-                raise ValueError(f"{type(self).__name__} holds state for {self.num_params} parameters, "
-                                 f"the round has {num_params}")
-            self._round = FedAvg(num_params, weighted=self.weighted)
-            return self
-        return start_round
-
-    def add(self, delta: np.ndarray, num_samples: int) -> None:
-        _check_delta(delta, self.num_params)
-        if self._round is None:
-            self._round = FedAvg(self.num_params, weighted=self.weighted)
-        self._round.add(delta, num_samples)
-
-    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
-        acc, self._round = self._round, None
-        mean = None if acc is None else _mean_delta(acc, self.num_params)
-        if mean is None:
-            return None  # no update: keep the previous model, state untouched
-        self.steps += 1
-        return (global_vector.astype(np.float64) + self._step(mean)).astype(np.float32)
-
-    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-
-class FedAvgM(ServerOptimizer):
-    """FedAvg with server momentum (Hsu et al. 2019): v = momentum * v + mean; global += server_lr * v.
-
-    mean is the FedAvg mean delta (``weighted=True``: by num_samples). momentum = 0
-    with server_lr = 1 is FedAvg. ``v`` starts at zero and persists across rounds (see
-    :class:`ServerOptimizer` for ``factory()``). ``finish`` returns ``None`` when no
-    update was added: keep the previous model (and the momentum).
-
-    >>> opt = FedAvgM(1, server_lr=1.0, momentum=0.5)
-    >>> new_round = opt.factory()
-    >>> s = new_round(1); s.add(np.array([2.0], np.float32), 1); s.finish(np.zeros(1, np.float32)).tolist()
-    [2.0]
-    >>> s = new_round(1); s.add(np.array([2.0], np.float32), 1); s.finish(np.zeros(1, np.float32)).tolist()
-    [3.0]
-    """
-
-    def __init__(self, num_params: int, server_lr: float = 1.0, momentum: float = 0.9,
-                 weighted: bool = True) -> None:
-        if not server_lr > 0 or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"need server_lr > 0 and 0 <= momentum < 1, got {server_lr}, {momentum}")
-        super().__init__(num_params, weighted=weighted)
-        self.server_lr = server_lr
-        self.momentum = momentum
-        self.velocity = np.zeros(num_params, dtype=np.float64)
-
-    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
-        self.velocity *= self.momentum
-        self.velocity += mean_delta
-        return self.server_lr * self.velocity
-
-
-class FedAdam(ServerOptimizer):
-    """FedAdam (Reddi et al. 2021, Algorithm 2) on the FedAvg mean delta d:
-
-    m = beta1 * m + (1 - beta1) * d;  v = beta2 * v + (1 - beta2) * d^2;
-    global += server_lr * m / (sqrt(v) + tau).
-
-    As in the paper: m starts at 0, v at tau^2 (its initialisation v_-1 >= tau^2), no bias
-    correction. State persists across rounds (``factory()`` as :class:`FedAvgM`).
-    ``finish`` returns ``None`` when no update was added: keep the previous model.
-
-    >>> opt = FedAdam(1, server_lr=0.6, beta1=0.5, beta2=0.5, tau=1.0)
-    >>> s = opt.factory()(1); s.add(np.array([7.0], np.float32), 1)
-    >>> s.finish(np.zeros(1, np.float32)).tolist()  # m = 3.5, v = 25: 0.6 * 3.5 / (5 + 1)
-    [0.3499999940395355]
-    """
-
-    def __init__(self, num_params: int, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, weighted: bool = True) -> None:
-        if not (server_lr > 0 and tau > 0 and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError("need server_lr > 0, tau > 0 and 0 <= beta1, beta2 < 1, got "
-                             f"{server_lr}, {tau}, {beta1}, {beta2}")
-        super().__init__(num_params, weighted=weighted)
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
-        self.m = np.zeros(num_params, dtype=np.float64)
-        self.v = np.full(num_params, tau * tau, dtype=np.float64)
-
-    def _step(self, mean_delta: np.ndarray) -> np.ndarray:
-        self.m *= self.beta1
-        self.m += (1.0 - self.beta1) * mean_delta
-        self.v *= self.beta2
-        self.v += (1.0 - self.beta2) * np.square(mean_delta)
-        return self.server_lr * self.m / (np.sqrt(self.v) + self.tau)
-
-
-class CentralDP:
-    """DP-FedAvg with central noise (McMahan et al. 2018, "Learning Differentially
-    Private Recurrent Language Models"), unweighted, with a trusted coordinator.
-
-    Each delta is clipped to L2 norm C = ``clip_norm``; then
-    global += mean(clipped) + N(0, sigma^2 I) with sigma = noise_multiplier * C / K.
-    That is the Gaussian mechanism on the *sum*: one device changes the sum by at most
-    C, and the sum gets noise of std z * C (z = noise_multiplier); dividing by K gives
-    sigma (user-level DP: a device's whole update is the unit protected). McMahan et al.'s
-    fixed-denominator estimator divides by the *expected* K; dividing by the actual K,
-    as here, treats K as public (it is in the round's accepted list). The coordinator
-    sees raw deltas, so it must be trusted; the DP guarantee covers the published models.
-    Privacy accounting (epsilon over rounds, from z and the sampling rate) is not done
-    here. z = 0 adds no noise (no privacy: for tests). ``num_samples`` is ignored, since
-    weights would change the sensitivity. Noise comes from ``rng`` only. ``finish``
-    returns ``None`` when no update was added: keep the previous model.
-
-    >>> s = CentralDP(2, clip_norm=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
-    >>> s.add(np.array([3.0, 4.0], np.float32), 10); s.add(np.array([0.0, 0.5], np.float32), 1)
-    >>> s.finish(np.zeros(2, np.float32)).tolist()  # mean of [0.6, 0.8] and [0, 0.5]
-    [0.30000001192092896, 0.6499999761581421]
-    """
-
-    def __init__(self, num_params: int, clip_norm: float, noise_multiplier: float,
-                 rng: np.random.Generator) -> None:
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm}")
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-        if not isinstance(rng, np.random.Generator):
-            raise ValueError("rng must be a seeded numpy.random.Generator")
-        self.num_params = num_params
-        self.clip_norm = clip_norm
-        self.noise_multiplier = noise_multiplier
-        self.rng = rng
-        self.noise_std: float | None = None  # sigma of the last finish, for logs
-        self._mean = FedAvg(num_params, weighted=False)
-
-    def add(self, delta: np.ndarray, num_samples: int) -> None:
-        _check_delta(delta, self.num_params)
-        self._mean.add(clip_by_norm(delta.astype(np.float64), self.clip_norm), 1)
-
-    def finish(self, global_vector: np.ndarray) -> np.ndarray | None:
-        mean = _mean_delta(self._mean, self.num_params)
-        if mean is None:
-            return None
-        self.noise_std = self.noise_multiplier * self.clip_norm / self._mean.count
-        noise = gaussian_noise(self.num_params, self.noise_std, self.rng)
-        return (global_vector.astype(np.float64) + mean + noise).astype(np.float32)
-
-
 # -- registry ---------------------------------------------------------------------
 
 STRATEGY_NAMES = ("fedavg", "mean", "fedavgm", "fedadam", "median", "trimmed_mean", "krum",
                   "multi_krum", "dp_fedavg")
 
 
-def _per_round(name: str, cls: type, num_params: int, options: dict) -> Callable[[int], Strategy]:
-    _build(name, cls, num_params, options)  # fail fast on bad options, not at the first round
-    return lambda n: cls(n, **options)
+class PerRoundFactory:
+    """A ``strategy_factory`` that builds a fresh ``cls(num_params, **options)`` every round.
+
+    With ``rng`` (dp_fedavg) every round's strategy gets that one generator, and
+    :meth:`state` / :meth:`load_state` carry its state through the coordinator's
+    checkpoint; without it the factory keeps no state (``state()`` is ``{}``).
+
+    >>> f = PerRoundFactory(CentralDP, {"clip_norm": 1.0, "noise_multiplier": 1.0}, np.random.default_rng(0))
+    >>> saved = f.state(); s = f(2); s.add(np.ones(2, np.float32), 1); first = s.finish(np.zeros(2, np.float32))
+    >>> f.load_state(saved); s = f(2); s.add(np.ones(2, np.float32), 1)
+    >>> s.finish(np.zeros(2, np.float32)).tolist() == first.tolist()  # the same noise again
+    True
+    >>> PerRoundFactory(Median, {}).state()
+    {}
+    """
+
+    def __init__(self, cls: type, options: dict, rng: np.random.Generator | None = None) -> None:
+        self.cls = cls
+        self.options = dict(options)
+        self.rng = rng
+
+    def __call__(self, num_params: int) -> Strategy:
+        if self.rng is None:
+            return self.cls(num_params, **self.options)
+        return self.cls(num_params, rng=self.rng, **self.options)
+
+    def state(self) -> StrategyState:
+        """``{}``, or the noise generator's state (copied) as after the last committed round."""
+        return {} if self.rng is None else generator_state(self.rng)
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """Put back what :meth:`state` returned (``{}``: keep the current state)."""
+        if not state:
+            return
+        if self.rng is None:
+            raise ValueError(f"{self.cls.__name__} keeps no state between rounds; the checkpoint holds "
+                             f"{sorted(state)} (written under another strategy?)")
+        load_generator_state(self.rng, state)
+
+
+def _per_round(name: str, cls: type, num_params: int, options: dict,
+               rng: np.random.Generator | None = None) -> PerRoundFactory:
+    # Fail fast on bad options, not at the first round.
+    _build(name, cls, num_params, options if rng is None else {**options, "rng": rng})
+    return PerRoundFactory(cls, options, rng)
 
 
 def _build(name: str, cls: type, num_params: int, options: dict):
@@ -628,7 +461,7 @@ def _build(name: str, cls: type, num_params: int, options: dict):
 
 
 def make_strategy_factory(name: str, num_params: int, options: dict,
-                          rng: np.random.Generator | None = None) -> Callable[[int], Strategy]:
+                          rng: np.random.Generator | None = None) -> PerRoundFactory | OptimizerRounds:
     """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore` by name.
 
     ======================  =====================  ==========================================
@@ -651,7 +484,8 @@ def make_strategy_factory(name: str, num_params: int, options: dict,
     ``rng`` (a seeded ``numpy.random.Generator``) is required by dp_fedavg only. The
     options are checked now: an unknown name, option or bad value raises ``ValueError``.
     For fedavgm/fedadam the returned factory holds the optimiser state for the life of
-    the federation.
+    the federation, for dp_fedavg ``rng``. Every returned factory has ``state()`` and
+    ``load_state()`` (``{}`` for the stateless ones), for the coordinator's checkpoint.
 
     >>> f = make_strategy_factory("median", 2, {})
     >>> s = f(2); s.add(np.array([1.0, 2.0], np.float32), 5); s.finish(np.zeros(2, np.float32)).tolist()
@@ -676,5 +510,5 @@ def make_strategy_factory(name: str, num_params: int, options: dict,
     if name == "dp_fedavg":
         if rng is None:
             raise ValueError("strategy 'dp_fedavg' needs rng: a seeded numpy.random.Generator")
-        return _per_round(name, CentralDP, num_params, {**options, "rng": rng})
+        return _per_round(name, CentralDP, num_params, options, rng)
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
