@@ -357,7 +357,11 @@ def cmd_agent(a: argparse.Namespace) -> int:
     if cfg.agent.signing_key_file:
         from fedsync.signing import Ed25519Signer, HmacSigner, load_device_keys
 
-        key = load_device_keys(cfg.agent.signing_key_file)[device_id]
+        keys = load_device_keys(cfg.agent.signing_key_file)
+        if device_id not in keys:
+            raise ConfigError(f"agent.signing_key_file: {cfg.agent.signing_key_file} holds no key for "
+                              f"device {device_id!r} (it has {sorted(keys)})")
+        key = keys[device_id]
         signer = Ed25519Signer(key) if cfg.agent.signing_scheme == "ed25519" else HmacSigner(key)
     host = AgentHost(cfg.broker.url, Topics(cfg.federation.name),
                      [DeviceSpec(device_id, trainer, credentials_from(cfg.broker, device_id), cfg.agent.train_delay,
