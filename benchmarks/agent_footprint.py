@@ -140,7 +140,7 @@ def wait_online(url: str, user: str, password: str, device: str, timeout: float 
     from paho.mqtt.enums import CallbackAPIVersion
 
     from fedsync.messages import PeerStatus, decode
-    from fedsync.mqtt import BrokerAddress
+    from fedsync.address import BrokerAddress
     from fedsync.topics import Topics
 
     topic = Topics("footprint").status(device)
@@ -167,11 +167,11 @@ def wait_online(url: str, user: str, password: str, device: str, timeout: float 
 def run(args) -> dict:
     import numpy as np
 
-    from broker_config.process import BrokerProcess, mosquitto_available
-    from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
-    from coordinator.service import CoordinatorService
-    from device_agent.models import build_model
-    from fedsync.mqtt import Credentials
+    from fedsync.broker_config.process import BrokerProcess, mosquitto_available
+    from fedsync.coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
+    from fedsync.coordinator.service import CoordinatorService
+    from fedsync.models import build_model
+    from fedsync.address import Credentials
     from fedsync.topics import Topics
 
     if not mosquitto_available():

@@ -25,19 +25,21 @@ What is measured
    ``codec.decode`` of those bytes, the median of several runs of CPU time
    (``time.thread_time``, so that other load on the machine skews it less).
    MB/s is 10**6 bytes of float32 input per second. "agent encode" is the whole
-   device-side path: error feedback (encode + decode + encode for top-k),
+   device-side path: error feedback for top-k (encode, decode to update the
+   residual; the encoded shards are reused, not encoded again), SHA-256/128
    digests and CBOR.
-3. **Accuracy over a real broker.** :class:`LocalFederation` with a managed
-   mosquitto on 127.0.0.1: 10 devices, 20 rounds, Synthetic(1, 1), the demo's
-   RoundPolicy, once per update codec and seed (0, 1, 2), raw fp32 first in the same
-   run. Three setups (``--setups``):
+3. **Accuracy over a real broker** (``benchmarks/compression_federations.py``).
+   :class:`LocalFederation` with a managed mosquitto on 127.0.0.1: 10 devices,
+   Synthetic(1, 1), the demo's RoundPolicy, once per update codec and
+   seed (0, 1, 2), raw fp32 first in the same run. Three setups (``--setups``):
 
    * ``fedavg``: the demo's model (softmax, 610 values) with FedAvg and
-     ``DEFAULT_HYPER``, the federation's defaults;
-   * ``demo``: what ``fedsync demo`` runs: the same model, FedAdam on the
-     coordinator, ``DEMO_HYPER`` (both read from coordinator/demo.py);
+     ``DEFAULT_HYPER``, the federation's defaults, 20 rounds;
+   * ``demo``: what ``fedsync demo`` runs: the same model, FedAdam(``DEMO_SERVER_LR``)
+     on the coordinator, ``DEMO_HYPER``, ``DEMO_ROUNDS`` rounds (all read from
+     fedsync/lab/demo.py);
    * ``mlp``: ``model_kind="mlp"`` (60 -> 64 -> 10, 4,554 values), FedAvg,
-     ``DEFAULT_HYPER``.
+     ``DEFAULT_HYPER``, 20 rounds.
 
    The demo's 610-value update fits one shard whose CBOR envelope (~260 B: ids,
    offsets, two digests, metrics) is ~1/10 of the raw update, so no codec can
@@ -51,15 +53,17 @@ What is measured
 
    Extra codecs, registered in this process before any federation starts (the
    coordinator and the agents live in this process, so both sides see them):
-   ``topk0.05`` (top-5%, the agent gives it error feedback) and ``noef-topk`` /
-   ``noef-topk1``: top-10% / top-1% under names that do not start with "topk",
-   which is how the agent decides whether to apply error feedback, so they run
-   without it.
+   ``topk0.05`` (top-5%, with error feedback like every top-k codec) and
+   ``noef-topk`` / ``noef-topk1`` / ``noef-topk0.05``: the same top-k codecs with
+   ``Codec.error_feedback`` False, which is the flag the agent applies error
+   feedback by (device_agent/agent.py, ``on_trained``), so they run without it.
+   Each federation checks, before tear-down, that every device holds a residual
+   with the flag on and none with it off.
 
 Usage::
 
-    python benchmarks/compression.py           # everything: 57 federations, ~4.5 min on 2 cores
-    python benchmarks/compression.py --quick   # ~30 s: 3 timing runs; fedavg setup, seed 0, 4 codecs
+    python benchmarks/compression.py           # everything: 60 federations
+    python benchmarks/compression.py --quick   # ~50 s: 3 timing runs; fedavg setup, seed 0, 5 codecs
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,34 +84,32 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, median, print_table  # noqa: E402
+from benchmarks.compression_federations import (DEVICES, GOAL_POINTS, GOAL_RATIO, NOEF,  # noqa: E402
+                                                QUICK_FED_ARMS, SETUPS, codec_label, measure_federations,
+                                                report_federations, uses_feedback)
 
-GOAL_RATIO = 10.0  # upload bytes at most 1/10 of raw fp32 ...
-GOAL_POINTS = 0.5  # ... at most 0.5 percentage points of accuracy lost
 MLP_HIDDEN = 14_085  # 60 * h + h + 10 * h + 10 = 1,000,045 values
 MLP_HYPER = {"lr": 0.001, "epochs": 1.0, "batch_size": 32.0, "mu": 0.0}
 PRETRAIN_ROUNDS = 3
-DEVICES, ROUNDS = 10, 20  # the demo's (coordinator/demo.py DemoOptions)
 FEDERATION = "bench-compression"
 DEVICE = "dev-0"  # the id the measured updates are encoded under (ids are in the payload)
 
 STATIC_CODECS = ["raw", "zstd", "fp16", "int8", "topk", "topk1"]
-FED_ARMS = ["raw", "zstd", "fp16", "int8", "topk", "topk1", "topk0.05", "noef-topk", "noef-topk1"]
-MLP_FED_ARMS = ["raw", "int8", "topk", "topk1", "topk0.05"]  # fewer, to keep a full run near 4 minutes
-QUICK_FED_ARMS = ["raw", "int8", "topk", "topk1"]
 
 
 def register_benchmark_codecs() -> None:
-    """topk0.05, and top-k under names the agent gives no error feedback (it keys on the "topk" prefix)."""
-    from fedsync.codecs import register
+    """topk0.05 (with error feedback, as every top-k codec), and ``noef-topk``, ``noef-topk1``,
+    ``noef-topk0.05``: the same encoders and decoders with ``Codec.error_feedback`` False, the flag
+    the agent decides by (device_agent/agent.py, on_trained). Registered in this process only."""
+    from fedsync.codecs import get_codec, register
     from fedsync.codecs.lossy import topk_codec
 
     register(topk_codec(0.05))
-    register(topk_codec(0.1, name="noef-topk"))
-    register(topk_codec(0.01, name="noef-topk1"))
-
-
-def uses_feedback(codec_name: str) -> bool:
-    return codec_name.startswith("topk")  # the agent's rule (device_agent/agent.py, on_trained)
+    for base in ("topk", "topk1", "topk0.05"):
+        register(replace(get_codec(base), name=NOEF + base, error_feedback=False))
+    for base in ("topk", "topk1", "topk0.05"):  # the switch is the flag, whatever the name
+        if not get_codec(base).error_feedback or get_codec(NOEF + base).error_feedback:
+            raise RuntimeError(f"error feedback flags wrong for {base} / {NOEF + base}")
 
 
 # -- 1. genuine training deltas ----------------------------------------------------------------------
@@ -127,8 +129,8 @@ def trained_update(label: str, model, data, hyper: dict, seed: int) -> TrainedUp
     """PRETRAIN_ROUNDS of in-memory FedAvg over all devices, then one more local fit of the biggest device."""
     import numpy as np
 
-    from coordinator.aggregate import FedAvg
-    from device_agent.trainer import NumpyTrainer
+    from fedsync.coordinator.aggregate import FedAvg
+    from fedsync.device_agent.trainer import NumpyTrainer
     from fedsync.params import flatten, spec_of, unflatten
 
     spec = spec_of(model.init_params(np.random.default_rng(seed)))
@@ -152,7 +154,7 @@ def trained_update(label: str, model, data, hyper: dict, seed: int) -> TrainedUp
 
 def open_manifest(params: dict, codec: str):
     """The manifest a real coordinator opens for this model (65,536-value shards by default)."""
-    from coordinator.core import CoordinatorCore, RoundPolicy
+    from fedsync.coordinator.core import CoordinatorCore, RoundPolicy
     from fedsync.messages import PeerStatus, encode
     from fedsync.topics import Topics
 
@@ -179,7 +181,7 @@ def agent_payloads(manifest, u: TrainedUpdate, feedback: bool):
     """The update's payloads exactly as the agent builds them, and the vector it handed the codec."""
     import numpy as np
 
-    from device_agent.agent import AgentCore
+    from fedsync.device_agent.agent import AgentCore
     from fedsync.codecs import get_codec
     from fedsync.topics import Topics
 
@@ -191,7 +193,7 @@ def agent_payloads(manifest, u: TrainedUpdate, feedback: bool):
         core._feedback_compensate(u.prev_delta, codec, manifest)  # the previous round leaves its residual
         target = u.delta + np.array(core.feedback.residual)
         vector, datas = core._feedback_compensate(u.delta, codec, manifest)
-    return core._encode(manifest, vector, u.num_samples, u.metrics, datas).payloads, target
+    return core.encode_update(manifest, vector, u.num_samples, u.metrics, datas).payloads, target
 
 
 def wire_result(manifest, u: TrainedUpdate, feedback: bool) -> WireResult:
@@ -239,7 +241,7 @@ def _cpu_seconds(fn, runs: int) -> float:
 
 
 def measure_speed(u: TrainedUpdate, runs: int) -> list[SpeedResult]:
-    from device_agent.agent import AgentCore
+    from fedsync.device_agent.agent import AgentCore
     from fedsync.codecs import get_codec
     from fedsync.params import shard_slices
     from fedsync.topics import Topics
@@ -255,7 +257,7 @@ def measure_speed(u: TrainedUpdate, runs: int) -> list[SpeedResult]:
         def agent_path() -> None:
             core = AgentCore(DEVICE, Topics(FEDERATION), random.Random(0))
             vector, datas = core._feedback_compensate(u.delta, codec, m) if uses_feedback(name) else (u.delta, None)
-            core._encode(m, vector, u.num_samples, u.metrics, datas)
+            core.encode_update(m, vector, u.num_samples, u.metrics, datas)
 
         enc = _cpu_seconds(lambda: [codec.encode(v) for v, _ in pieces], runs)
         dec = _cpu_seconds(lambda: [codec.decode(d, n) for d, n in encoded], runs)
@@ -264,129 +266,7 @@ def measure_speed(u: TrainedUpdate, runs: int) -> list[SpeedResult]:
     return out
 
 
-# -- 3. accuracy over a real broker ------------------------------------------------------------------
-
-LAST = 5  # rounds averaged for the steadier accuracy figure
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One federation recipe; every (setup, seed, codec) is one federation."""
-
-    key: str
-    label: str
-    model_kind: str  # LocalFederation.model_kind
-    server_adam: bool  # FedAdam on the coordinator (fedsync demo's recipe) instead of FedAvg
-    codecs: tuple[str, ...]
-
-    def hyper(self) -> dict:
-        from coordinator.demo import DEMO_HYPER
-        from device_agent.trainer import DEFAULT_HYPER
-
-        return dict(DEMO_HYPER if self.server_adam else DEFAULT_HYPER)
-
-    def strategy_factory(self, num_params: int):
-        if not self.server_adam:
-            return None  # LocalFederation's default: FedAvg
-        from coordinator.demo import DEMO_SERVER_LR
-        from coordinator.strategies import FedAdam
-
-        return FedAdam(num_params, server_lr=DEMO_SERVER_LR).factory()  # one per federation: moments persist
-
-
-SETUPS = {
-    "fedavg": Setup("fedavg", "softmax 60->10 (610 values), FedAvg, DEFAULT_HYPER", "softmax", False,
-                    tuple(FED_ARMS)),
-    "demo": Setup("demo", "softmax 60->10, `fedsync demo`'s recipe: FedAdam + DEMO_HYPER", "softmax", True,
-                  ("raw", "int8", "topk", "topk1", "topk0.05")),
-    "mlp": Setup("mlp", "MLP 60->64->10 (4,554 values), FedAvg, DEFAULT_HYPER", "mlp", False, tuple(MLP_FED_ARMS)),
-}
-MODEL_VALUES = {"softmax": 610, "mlp": 60 * 64 + 64 + 64 * 10 + 10}
-
-
-@dataclass
-class FedResult:
-    setup: str
-    codec: str
-    seed: int
-    finished: bool
-    rounds: int
-    final_accuracy: float | None
-    bytes_up: int
-    updates_accepted: int
-    shards_resent: int
-    seconds: float
-    accuracy_per_round: list = field(default_factory=list)
-
-    @property
-    def last_mean(self) -> float | None:
-        tail = [a for a in self.accuracy_per_round[-LAST:] if a is not None]
-        return sum(tail) / len(tail) if tail else None
-
-
-def run_federation(url: str, users: dict, setup: Setup, codec: str, seed: int, timeout: float) -> FedResult:
-    from coordinator.core import RoundPolicy
-    from coordinator.federation import LocalFederation
-
-    # The demo's sync policy (coordinator/demo.py run_demo), codec aside.
-    policy = RoundPolicy(rounds=ROUNDS, target=DEVICES, quorum=max(1, (DEVICES + 1) // 2), min_devices=DEVICES,
-                         round_timeout=30.0, update_codec=codec)
-    fed = LocalFederation(url, users, n_devices=DEVICES, seed=seed, policy=policy, model_kind=setup.model_kind,
-                          hyper=setup.hyper(), strategy_factory=setup.strategy_factory(MODEL_VALUES[setup.model_kind]),
-                          federation=f"cmp-{setup.key}-{codec}-s{seed}")
-    t0 = time.perf_counter()
-    fed.start()
-    try:
-        finished = fed.wait(timeout)
-        seconds = time.perf_counter() - t0
-        s = fed.summary()
-    finally:
-        # Measured; nothing more to learn, so drop every connection instead of fed.stop()'s clean
-        # one: MqttLink.stop(disconnect=True) waits its full 2 s for about half the links (the
-        # link thread reconnects after the DISCONNECT), 16-21 s per federation. And not fed.stop()
-        # after crash_coordinator(): the crashed link still reads as connected, so the graceful
-        # stop that follows waits for a flush that cannot happen (7 s).
-        for device in list(fed.hosts):
-            fed.kill_device(device)
-        fed.crash_coordinator()
-        for host in fed.host_list:
-            host.stop()
-    return FedResult(setup.key, codec, seed, finished, s["rounds_completed"], s["final_accuracy"], s["bytes_up"],
-                     s["updates_accepted"], s["shards_resent"], seconds, s["accuracy_per_round"])
-
-
-def measure_federations(setups: list[Setup], seeds: list[int], timeout: float) -> list[FedResult]:
-    from broker_config.process import BrokerProcess, mosquitto_available
-    from coordinator.federation import make_users
-
-    if not mosquitto_available():
-        raise SystemExit("compression benchmark: mosquitto is not installed (apt-get install mosquitto)")
-    users = make_users(DEVICES)
-    broker = BrokerProcess("mosquitto", users=users)
-    broker.start()
-    out = []
-    try:
-        for setup in setups:
-            for seed in seeds:
-                for codec in setup.codecs:
-                    r = run_federation(broker.url, users, setup, codec, seed, timeout)
-                    out.append(r)
-                    print(f"federation {setup.key}, seed {seed}, {codec}: {r.rounds} rounds, "
-                          f"accuracy {r.final_accuracy}, {r.seconds:.1f} s", flush=True)
-    finally:
-        broker.stop()
-    return out
-
-
 # -- report ------------------------------------------------------------------------------------------
-
-def _codec_label(codec: str, feedback: bool) -> str:
-    if codec.startswith("noef-"):
-        return f"{codec} (no error feedback)"
-    if codec.startswith("topk"):
-        return f"{codec} + error feedback" if feedback else f"{codec}, no error feedback"
-    return codec
-
 
 def report_bytes(u: TrainedUpdate, rows: list[WireResult]) -> None:
     raw = next(r for r in rows if r.codec == "raw")
@@ -394,7 +274,7 @@ def report_bytes(u: TrainedUpdate, rows: list[WireResult]) -> None:
              f"(ratios vs raw fp32 in this run; raw = {raw.wire_bytes:,} B on the wire)")
     print_table(title, ["codec", "wire bytes", "raw / codec", "codec / raw", "codec data B", "data: raw / codec",
                         "rel. L2 error"],
-                [[_codec_label(r.codec, r.feedback), f"{r.wire_bytes:,}", f"{raw.wire_bytes / r.wire_bytes:.1f}x",
+                [[codec_label(r.codec, r.feedback), f"{r.wire_bytes:,}", f"{raw.wire_bytes / r.wire_bytes:.1f}x",
                   f"{r.wire_bytes / raw.wire_bytes:.4f}", f"{r.data_bytes:,}",
                   f"{raw.data_bytes / r.data_bytes:.1f}x", f"{r.rel_error:.2e}"] for r in rows])
 
@@ -410,63 +290,10 @@ def report_speed(rows: list[SpeedResult], n: int, runs: int) -> None:
                   f"{r.agent_mbs / raw.agent_mbs:.3f}"] for r in rows])
 
 
-def meets_goal(r: FedResult, raw: FedResult) -> bool:
-    if not (r.finished and raw.finished and r.final_accuracy is not None and raw.final_accuracy is not None):
-        return False
-    loss_points = 100 * (raw.final_accuracy - r.final_accuracy)
-    return raw.bytes_up / r.bytes_up >= GOAL_RATIO and loss_points <= GOAL_POINTS
-
-
-def _points(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else 100 * (a - b)
-
-
-def _fmt_points(p: float | None) -> str:
-    return "-" if p is None else f"{p:+.2f}"
-
-
-def report_federations(rows: list[FedResult]) -> dict[str, dict[str, bool]]:
-    """One table per setup; returns {setup: {codec: goal met in every seed}}."""
-    verdicts: dict[str, dict[str, bool]] = {}
-    for key in dict.fromkeys(r.setup for r in rows):
-        setup = SETUPS[key]
-        mine = [r for r in rows if r.setup == key]
-        seeds = list(dict.fromkeys(r.seed for r in mine))
-        raw = {r.seed: r for r in mine if r.codec == "raw"}
-        table = []
-        verdicts[key] = {}
-        for codec in dict.fromkeys(r.codec for r in mine):
-            runs = {r.seed: r for r in mine if r.codec == codec}
-            first = runs[seeds[0]]
-            per_seed = [_points(runs[s].final_accuracy, raw[s].final_accuracy) for s in seeds]
-            tails = [_points(runs[s].last_mean, raw[s].last_mean) for s in seeds]
-            tails = [t for t in tails if t is not None]
-            ratios = [raw[s].bytes_up / runs[s].bytes_up for s in seeds]
-            goal_all = all(meets_goal(runs[s], raw[s]) for s in seeds)
-            verdicts[key][codec] = goal_all
-            unfinished = [s for s in seeds if not runs[s].finished]
-            table.append([
-                _codec_label(codec, uses_feedback(codec)) + (f" (timeout, seed {unfinished})" if unfinished else ""),
-                f"{first.final_accuracy:.4f}" if first.final_accuracy is not None else "-",
-                " / ".join(_fmt_points(p) for p in per_seed),
-                _fmt_points(sum(tails) / len(tails) if tails else None),
-                f"{first.bytes_up:,}", f"{min(ratios):.2f}x", f"{first.bytes_up / raw[seeds[0]].bytes_up:.4f}",
-                str(sum(r.shards_resent for r in runs.values())),
-                ("yes" if meets_goal(first, raw[seeds[0]]) else "no") + " / " + ("yes" if goal_all else "no"),
-            ])
-        seed_text = "/".join(str(s) for s in seeds)
-        print_table(f"Accuracy over mosquitto: {setup.label} {setup.hyper()}, {DEVICES} devices, {ROUNDS} rounds, "
-                    f"Synthetic(1,1); seeds {seed_text}; ratios vs raw fp32, same seed, same run",
-                    ["update codec", f"final acc (seed {seeds[0]})", f"final pp vs raw (seeds {seed_text})",
-                     f"last-{LAST} mean pp vs raw (avg)", f"bytes_up (seed {seeds[0]})", "raw / codec (min)",
-                     "codec / raw", "shards resent", f"goal: seed {seeds[0]} / all"], table)
-    return verdicts
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="3 timing runs; federations: setup fedavg, seed 0, codecs raw, int8, topk, topk1")
+                    help="3 timing runs; federations: setup fedavg, seed 0, codecs raw, int8, topk, topk1, noef-topk1")
     ap.add_argument("--runs", type=int, default=7, help="timing runs per codec (median)")
     ap.add_argument("--codecs", help="federation arms for every setup, comma-separated (raw is always run, first)")
     ap.add_argument("--seeds", default="0,1,2", help="federation seeds (0 is the demo's)")
@@ -487,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         setups.append(replace(SETUPS[key], codecs=tuple(["raw"] + [c for c in codecs if c != "raw"])))
 
     register_benchmark_codecs()  # before any manifest names them
-    from device_agent.data import synthetic_federation
-    from device_agent.models import MLP, SoftmaxRegression
-    from device_agent.trainer import DEFAULT_HYPER
+    from fedsync.synthetic import synthetic_federation
+    from fedsync.models import MLP, SoftmaxRegression
+    from fedsync.trainer_api import DEFAULT_HYPER
 
     print(environment(), flush=True)
     t0 = time.perf_counter()

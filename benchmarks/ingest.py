@@ -3,40 +3,47 @@
 What is measured
 ----------------
 N publisher identities (``dev-0 .. dev-{N-1}``, plain paho clients in one
-separate process) each publish one update of ``--update-mib`` MiB, cut into
-shards of 256 KiB or 1 MiB, with QoS 1 to a mosquitto on 127.0.0.1. The
-payloads are built with the device agent's own encoder
+separate process: ``benchmarks/ingest_publishers.py``) each publish one update
+of ``--update-mib`` MiB, cut into shards of 256 KiB or 1 MiB, with QoS 1 to a
+mosquitto on 127.0.0.1. The payloads are built with the device agent's own encoder
 (``AgentCore._encode``, from the coordinator's retained manifest), so they are
 byte-for-byte what real agents send; building them happens before the clock
 starts.
 
-* **broker** (baseline): the same payload bytes, published the same way to
-  ``rawbench/...`` topics, received by one plain paho subscriber (QoS 1) in
-  the benchmark process. Time: "go" to the last message received.
-* **coordinator**: a real :class:`CoordinatorService` (MQTT link, batching,
+Four receivers of the same payload bytes, each a row of the table, named in it:
+
+* **native** (the broker's limit): ``mosquitto_sub`` (C, libmosquitto) in its own process,
+  QoS 1, persistent session, only each payload's length written; topics ``rawnative/...``.
+  Time: "go" to its exit after the last message (``benchmarks/ingest_receivers.py``).
+* **paho**: one plain paho-mqtt subscriber (QoS 1) in its own process, with paho's own
+  ``decode_publish`` (``fedsync.transport.paho_fast`` is installed by the services, and this
+  process never runs one; the script checks and prints it); topics ``rawpaho/...``. Time:
+  "go" to the last message received.
+* **coordinator**: a real :class:`CoordinatorService` (MQTT link, batching, paho_fast,
   manual PUBACK, receipts on ``ack/{device}``) with a round that selects the N
-  identities, in the benchmark process in place of the subscriber. Ingest
+  identities, in the benchmark process. Ingest
   time: "go" to the N-th update folded into FedAvg — every shard decoded,
   digest-checked, reassembled, the whole-update digest verified, decoded and
   aggregated (a FedAvg subclass timestamps ``add``). "to commit" adds the
   commit: the new model encoded and queued as retained shards, the manifest,
   and (with the journal) the checkpoint written and fsync'd.
-* **coordinator + journal**: the same with ``state_dir`` (every shard appended
-  to the round log and fsync'd before its PUBACK).
+* **coordinator + journal** (the production configuration: the systemd unit passes
+  ``--state-dir``): the same with ``state_dir`` (every shard appended to the round log and
+  fsync'd before its PUBACK).
 
-Trials are interleaved (broker, coordinator, coordinator + journal, repeat)
-so that load from other users of the machine hits all three alike; the
-table shows medians and the ratio is median(coordinator) / median(broker).
-Each layout starts with ``--warmup`` unmeasured coordinator rounds (default
+Trials are interleaved (coordinator, native, paho, coordinator + journal, repeat) so that
+load from other users of the machine hits all four alike; the table shows medians, each
+row's ratio to the native and to the paho median. The headline is coordinator + journal /
+native. Each layout starts with ``--warmup`` unmeasured coordinator rounds (default
 1): a long-running coordinator's heap is warm, and the first round in a
 process pays ~64 page faults per 256 KiB shard that later rounds do not.
 
-The benchmark process calls :func:`fedsync.memtune.keep_freed_memory`, as
-``fedsync coordinator`` does; the baseline subscriber shares the process and
-so the setting. ``FEDSYNC_MALLOC=default`` measures glibc's defaults instead.
+The benchmark process calls :func:`fedsync.transport.memtune.keep_freed_memory`, as
+``fedsync coordinator`` does; ``FEDSYNC_MALLOC=default`` measures glibc's defaults instead.
+CPU per GiB is the receiver's own process (the benchmark process for the coordinator rows).
 
 Deltas are N(0, 1e-3) noise, which compresses worse than real training
-deltas (DESIGN.md): for ``zstd`` this is the pessimistic case for bytes on the
+deltas (docs/benchmarks.md, compression): for ``zstd`` this is the pessimistic case for bytes on the
 wire and the realistic one for coordinator CPU per byte.
 
 Usage::
@@ -50,8 +57,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import random
 import resource
+import shutil
 import struct
 import sys
 import tempfile
@@ -63,165 +72,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import MIB, environment, make_users, median, print_table  # noqa: E402
+from benchmarks.ingest_publishers import FEDERATION, publisher_main  # noqa: E402
+from benchmarks.ingest_receivers import (NATIVE_PREFIX, PAHO_PREFIX, NativeSubscriber,  # noqa: E402
+                                         PahoSubscriber, mosquitto_sub_version)
 
-FEDERATION = "bench"
-RAW_PREFIX = "rawbench"  # baseline topics: not under fedsync/, so no coordinator session queues them
-GOAL = 0.5
-
-
-# -- the publisher process ------------------------------------------------------------------------
-
-def publisher_main(conn, url: str, users: dict[str, str], devices: list[str], num_params: int, seed: int) -> None:
-    """Child process: N paho clients that announce themselves online and publish on command.
-
-    Commands on ``conn``: ("encode", round_id) -> ("ready", bytes, messages);
-    ("go", prefix or None) -> ("published", first_send, last_puback); ("quit",).
-    """
-    import numpy as np
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from device_agent.agent import AgentCore
-    from fedsync.messages import PeerStatus, RoundManifest, decode, encode
-    from fedsync.mqtt import BrokerAddress
-    from fedsync.topics import Topics
-
-    topics = Topics(FEDERATION)
-    addr = BrokerAddress.parse(url)
-    manifests: list[RoundManifest] = []
-    got_manifest = threading.Condition()
-    rng = np.random.default_rng(seed)
-    deltas = {d: (rng.standard_normal(num_params, dtype=np.float32) * np.float32(1e-3)) for d in devices}
-
-    clients, acked = {}, {d: 0 for d in devices}
-    lock = threading.Lock()
-
-    def on_publish(client, userdata, mid, rc, props):
-        with lock:
-            acked[userdata] += 1
-
-    def on_message(client, userdata, msg):
-        if msg.topic == topics.manifest and msg.payload:
-            with got_manifest:
-                manifests.append(decode(bytes(msg.payload), RoundManifest))
-                got_manifest.notify_all()
-
-    for d in devices:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=d, clean_session=True, userdata=d,
-                        protocol=paho.MQTTv311)
-        c.username_pw_set(d, users[d])
-        c.max_inflight_messages_set(32)  # the same window MqttLink uses
-        c.on_publish = on_publish
-        if d == devices[0]:  # one of them watches the retained manifest (re-subscribing on reconnect)
-            c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topics.manifest, 1)
-        c.on_message = on_message
-        c.connect(addr.host, addr.port, 30)
-        c.loop_start()
-        clients[d] = c
-    for d in devices:
-        clients[d].publish(topics.status(d), encode(PeerStatus(d, "online")), 1, True)
-
-    batches: dict[str, list[tuple[str, bytes]]] = {}
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "quit":
-            break
-        if cmd[0] == "encode":
-            round_id = cmd[1]
-            with got_manifest:
-                got_manifest.wait_for(lambda: any(m.round_id == round_id and m.state == "open" for m in manifests), 60)
-                m = next(m for m in reversed(manifests) if m.round_id == round_id and m.state == "open")
-                manifests.clear()
-            total = 0
-            for d in devices:
-                # Exactly the agent's encoder; update ids from the agent's own seeded RNG.
-                up = AgentCore(d, topics, random.Random(f"{seed}:{d}:{round_id}"))._encode(
-                    m, deltas[d], 100, {"train_loss": 1.0})
-                batches[d] = list(zip(up.topics, up.payloads))
-                total += sum(len(p) for p in up.payloads)
-            conn.send(("ready", total, sum(len(b) for b in batches.values())))
-        elif cmd[0] == "go":
-            prefix = cmd[1]
-            with lock:
-                for d in devices:
-                    acked[d] = 0
-            first = time.perf_counter()
-
-            def send(d: str) -> None:
-                c = clients[d]
-                for topic, payload in batches[d]:
-                    if prefix:
-                        topic = prefix + topic[len("fedsync"):]
-                    c.publish(topic, payload, 1, False)
-
-            threads = [threading.Thread(target=send, args=(d,)) for d in devices]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            want = {d: len(batches[d]) for d in devices}
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with lock:
-                    if all(acked[d] >= want[d] for d in devices):
-                        break
-                time.sleep(0.001)
-            conn.send(("published", first, time.perf_counter()))
-    for d in devices:
-        clients[d].publish(topics.status(d), encode(PeerStatus(d, "offline")), 1, True).wait_for_publish(5)
-        clients[d].loop_stop()
-        clients[d].disconnect()
+GOAL = 0.5  # production configuration (coordinator + journal) / the native limit
 
 
-# -- the two receivers ------------------------------------------------------------------------------
+# -- trials ----------------------------------------------------------------------------------------
 
-class RawSubscriber:
-    """The baseline receiver: a plain paho client on ``rawbench/#``, QoS 1."""
-
-    def __init__(self, url: str, password: str) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        from fedsync.mqtt import BrokerAddress
-
-        addr = BrokerAddress.parse(url)
-        self.lock = threading.Lock()
-        self.count, self.bytes, self.expect, self.last = 0, 0, 0, 0.0
-        self.done = threading.Event()
-        ready = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=True,
-                        protocol=paho.MQTTv311)
-        c.username_pw_set("bench-sub", password)
-        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{RAW_PREFIX}/#", 1)
-        c.on_subscribe = lambda *a: ready.set()
-        c.on_message = self._on_message
-        c.connect(addr.host, addr.port, 30)
-        c.loop_start()
-        if not ready.wait(15):
-            raise RuntimeError("baseline subscriber: no SUBACK")
-        self.client = c
-
-    def arm(self, expect: int) -> None:
-        with self.lock:
-            self.count, self.bytes, self.expect = 0, 0, expect
-            self.done.clear()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self.lock:
-            self.count += 1
-            self.bytes += len(msg.payload)
-            if self.count >= self.expect:
-                self.last = time.perf_counter()
-                self.done.set()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+KINDS = ("native", "paho", "coordinator", "coordinator+journal")
+LABEL = {"native": "native: mosquitto_sub", "paho": "paho, no paho_fast", "coordinator": "coordinator",
+         "coordinator+journal": "coordinator + journal (production)"}
+RECEIVER = {  # what each row is, word for word under the table
+    "native": "mosquitto_sub 2.0 (C, libmosquitto) in its own process, QoS 1, persistent session, writes only "
+              "each payload's length: the broker's limit",
+    "paho": "one plain paho-mqtt subscriber in its own process, QoS 1, paho's own decode_publish "
+            "(fedsync.transport.paho_fast NOT installed)",
+    "coordinator": "CoordinatorService in the benchmark process, no journal (paho_fast installed, as the service "
+                   "does): decode, verify, reassemble, FedAvg",
+    "coordinator+journal": "the same with state_dir (each shard appended to the round log, fsync per batch before "
+                           "its PUBACK): production, as deploy/systemd/fedsync-coordinator.service runs it",
+}
 
 
 @dataclass
 class Trial:
-    kind: str  # broker | coordinator | coordinator+journal
+    kind: str  # one of KINDS
     shard_kib: int
     codec: str
     bytes: int
@@ -244,10 +121,10 @@ def coordinator_trial(conn, url: str, password: str, devices: list[str], num_par
                       codec: str, journal: bool) -> Trial:
     import numpy as np
 
-    from coordinator.aggregate import FedAvg
-    from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
-    from coordinator.service import CoordinatorService
-    from fedsync.mqtt import Credentials
+    from fedsync.coordinator.aggregate import FedAvg
+    from fedsync.coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
+    from fedsync.coordinator.service import CoordinatorService
+    from fedsync.address import Credentials
     from fedsync.topics import Topics
 
     added: list[float] = []
@@ -302,18 +179,26 @@ def coordinator_trial(conn, url: str, password: str, devices: list[str], num_par
                  {"duplicates": s.duplicates_dropped, "journal_records": service.journal.records_written if journal else 0})
 
 
-def broker_trial(conn, sub: RawSubscriber, shard_kib: int, codec: str, messages: int, nbytes: int) -> Trial:
-    sub.arm(messages)
-    cpu0 = _cpu()
+def native_trial(conn, sub: NativeSubscriber, shard_kib: int, codec: str, messages: int, nbytes: int) -> Trial:
+    sub.start(messages)  # subscribed before the clock starts
     t0 = time.perf_counter()
-    conn.send(("go", RAW_PREFIX))
-    if not sub.done.wait(600):
-        raise RuntimeError(f"baseline: {sub.count}/{messages} messages arrived")
-    cpu = _cpu() - cpu0
+    conn.send(("go", NATIVE_PREFIX))
+    ended, cpu = sub.wait(600)
     conn.recv()
-    if sub.bytes != nbytes:
-        raise RuntimeError(f"baseline: {sub.bytes} bytes arrived, {nbytes} sent")
-    return Trial("broker", shard_kib, codec, nbytes, sub.last - t0, cpu_seconds=cpu)
+    if (sub.count, sub.bytes) != (messages, nbytes):
+        raise RuntimeError(f"mosquitto_sub: {sub.count} messages, {sub.bytes} bytes; {messages}, {nbytes} sent")
+    return Trial("native", shard_kib, codec, nbytes, ended - t0, cpu_seconds=cpu)
+
+
+def paho_trial(conn, sub: PahoSubscriber, shard_kib: int, codec: str, messages: int, nbytes: int) -> Trial:
+    sub.arm(messages)
+    t0 = time.perf_counter()
+    conn.send(("go", PAHO_PREFIX))
+    last, count, got, cpu = sub.wait(600)
+    conn.recv()
+    if (count, got) != (messages, nbytes):
+        raise RuntimeError(f"paho subscriber: {count} messages, {got} bytes; {messages}, {nbytes} sent")
+    return Trial("paho", shard_kib, codec, nbytes, last - t0, cpu_seconds=cpu)
 
 
 # -- where the coordinator's CPU goes (no broker) --------------------------------------------------
@@ -329,11 +214,11 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
 
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    from coordinator.aggregate import FedAvg
-    from coordinator.core import CoordinatorCore, RoundPolicy
-    from coordinator.journal import _bytes_head
-    from device_agent.agent import AgentCore
-    from fedsync import paho_fast
+    from fedsync.coordinator.aggregate import FedAvg
+    from fedsync.coordinator.core import CoordinatorCore, RoundPolicy
+    from fedsync.coordinator.journal import _bytes_head
+    from fedsync.device_agent.agent import AgentCore
+    from fedsync.transport import paho_fast
     from fedsync.codecs import get_codec
     from fedsync.messages import PeerStatus, UpdateShard, decode, encode
     from fedsync.params import digest
@@ -356,7 +241,7 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
     rng = np.random.default_rng(seed)
     per_device = []
     for d in names:
-        up = AgentCore(d, topics, random.Random(f"{seed}:{d}"))._encode(
+        up = AgentCore(d, topics, random.Random(f"{seed}:{d}")).encode_update(
             manifest, rng.standard_normal(num_params, dtype=np.float32) * np.float32(1e-3), 100, {"train_loss": 1.0})
         per_device.append(list(zip(up.topics, up.payloads)))
     messages = [m for group in zip(*per_device) for m in group]  # interleaved, as the broker delivers them
@@ -387,7 +272,7 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
         ("  SHA-256/128 shard digest (x1 per shard)", lambda: [digest(x.data) for x in shards]),
         (f"  codec decode ({codec})", lambda: [c.decode(x.data, x.length) for x in shards]),
         ("  FedAvg.add, every update", fedavg),
-        ("paho: decode PUBLISH (fedsync.paho_fast)", lambda: [fast(0x32, pk, v311) for pk in packets]),
+        ("paho: decode PUBLISH (fedsync.transport.paho_fast)", lambda: [fast(0x32, pk, v311) for pk in packets]),
         ("  paho's own decode_publish, for reference", lambda: [slow(0x32, pk, v311) for pk in packets]),
         ("journal record head (payload not copied)",
          lambda: [b"\x82" + cbor2.dumps(t) + _bytes_head(len(p)) for t, p in messages]),
@@ -406,12 +291,14 @@ def cpu_breakdown(devices: int, num_params: int, shard_values: int, codec: str, 
 # -- driver ------------------------------------------------------------------------------------------
 
 def run(args) -> list[Trial]:
-    from broker_config.process import BrokerProcess, mosquitto_available
+    from fedsync.broker_config.process import BrokerProcess, mosquitto_available
 
     if not mosquitto_available():
         raise SystemExit("ingest benchmark: mosquitto is not installed (apt-get install mosquitto)")
+    if shutil.which("mosquitto_sub") is None:
+        raise SystemExit("ingest benchmark: mosquitto_sub is not installed (apt-get install mosquitto-clients)")
     devices = [f"dev-{i}" for i in range(args.devices)]
-    users = make_users(["coordinator", "bench-sub", *devices])
+    users = make_users(["coordinator", "bench-native", "bench-paho", *devices])
     num_params = args.update_mib * MIB // 4
     trials: list[Trial] = []
     broker = BrokerProcess("mosquitto", users=users)
@@ -421,9 +308,13 @@ def run(args) -> list[Trial]:
     pub = ctx.Process(target=publisher_main, args=(child, broker.url, users, devices, num_params, args.seed),
                       name="ingest-publishers")
     pub.start()
-    sub = None
+    native, paho_sub = None, None
     try:
-        sub = RawSubscriber(broker.url, users["bench-sub"])
+        native = NativeSubscriber(broker.host, broker.port, "bench-native", users["bench-native"], broker.log_path)
+        paho_sub = PahoSubscriber(broker.host, broker.port, "bench-paho", users["bench-paho"])
+        args.paho_subscriber_decoder = paho_sub.decoder
+        print(f"paho subscriber (own process) decodes PUBLISH with {paho_sub.decoder}: paho_fast not installed",
+              file=sys.stderr, flush=True)
         for codec in args.codecs:
             for shard_kib in args.shard_kib:
                 shard_values = shard_kib * 1024 // 4
@@ -433,17 +324,18 @@ def run(args) -> list[Trial]:
                     print(f"  {codec:5} {shard_kib:5} KiB warm-up: coordinator {w.mib_s:8.1f} MiB/s",
                           file=sys.stderr, flush=True)
                 for rep in range(args.repeats):
-                    # The coordinator run also has the publishers encode this layout; the baseline reuses those bytes.
+                    # The coordinator run also has the publishers encode this layout; the baselines reuse those bytes.
                     t = coordinator_trial(parent, broker.url, users["coordinator"], devices, num_params,
                                           shard_values, codec, journal=False)
                     messages = args.devices * -(-num_params // shard_values)
-                    b = broker_trial(parent, sub, shard_kib, codec, messages, t.bytes)
+                    n = native_trial(parent, native, shard_kib, codec, messages, t.bytes)
+                    b = paho_trial(parent, paho_sub, shard_kib, codec, messages, t.bytes)
                     j = coordinator_trial(parent, broker.url, users["coordinator"], devices, num_params,
                                           shard_values, codec, journal=True)
-                    for x in (b, t, j):
+                    for x in (n, b, t, j):
                         trials.append(x)
-                        print(f"  {codec:5} {shard_kib:5} KiB rep {rep + 1}: {x.kind:20} {x.mib_s:8.1f} MiB/s",
-                              file=sys.stderr, flush=True)
+                        print(f"  {codec:5} {shard_kib:5} KiB rep {rep + 1}: {x.kind:20} {x.mib_s:8.1f} MiB/s  "
+                              f"load1 {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     finally:
         try:
             parent.send(("quit",))
@@ -453,9 +345,14 @@ def run(args) -> list[Trial]:
         if pub.is_alive():
             pub.kill()
             pub.join(5)
-        if sub is not None:
-            sub.close()
+        if native is not None:
+            native.kill()
+        if paho_sub is not None:
+            paho_sub.close()
         broker.stop()
+    from paho.mqtt import _packet
+
+    args.coordinator_decoder = f"{_packet.decode_publish.__module__}.{_packet.decode_publish.__qualname__}"
     return trials
 
 
@@ -463,29 +360,37 @@ def report(trials: list[Trial], args) -> dict:
     rows, ratios = [], {}
     keys = sorted({(t.codec, t.shard_kib) for t in trials}, key=lambda k: (k[0] != "raw", k[0], k[1]))
     for codec, kib in keys:
-        group = {kind: [t for t in trials if (t.codec, t.shard_kib, t.kind) == (codec, kib, kind)]
-                 for kind in ("broker", "coordinator", "coordinator+journal")}
-        base = median([t.mib_s for t in group["broker"]])
+        group = {kind: [t for t in trials if (t.codec, t.shard_kib, t.kind) == (codec, kib, kind)] for kind in KINDS}
+        native = median([t.mib_s for t in group["native"]])
+        paho = median([t.mib_s for t in group["paho"]])
         for kind, ts in group.items():
             if not ts:
                 continue
             thr = median([t.mib_s for t in ts])
-            ratio = thr / base
-            commit = median([t.bytes / MIB / t.commit_seconds for t in ts]) if kind != "broker" else None
+            ratios[f"{codec}/{kib}KiB/{kind}/native"] = round(thr / native, 3)
+            ratios[f"{codec}/{kib}KiB/{kind}/paho"] = round(thr / paho, 3)
+            commit = median([t.bytes / MIB / t.commit_seconds for t in ts]) if kind.startswith("coord") else None
             cpu = median([t.cpu_seconds / (t.bytes / 2**30) for t in ts])
-            ratios[f"{codec}/{kib}KiB/{kind}"] = round(ratio, 3)
-            rows.append([f"{codec} {kib} KiB", kind, f"{ts[0].bytes / MIB:.1f}",
+            rows.append([f"{codec} {kib} KiB", LABEL[kind], f"{ts[0].bytes / MIB:.1f}",
                          f"{thr:.0f}", f"{min(t.mib_s for t in ts):.0f}-{max(t.mib_s for t in ts):.0f}",
                          "-" if commit is None else f"{commit:.0f}", f"{cpu:.2f}",
-                         "1.00 (baseline)" if kind == "broker" else f"{ratio:.2f}"])
+                         f"{thr / native:.2f}", f"{thr / paho:.2f}"])
     print_table(f"Coordinator ingest vs mosquitto, {args.devices} publishers x {args.update_mib} MiB updates, "
                 f"QoS 1, {args.repeats} repeat(s), medians",
-                ["payloads", "receiver", "MiB/trial", "MiB/s", "range", "MiB/s to commit", "CPU s/GiB", "ratio"],
-                rows)
-    worst = min(v for k, v in ratios.items() if not k.endswith("/broker"))
-    print(f"ratios (coordinator / broker): {json.dumps(ratios)}")
+                ["payloads", "receiver", "MiB/trial", "MiB/s", "range", "MiB/s to commit",
+                 "receiver CPU s/GiB", "/ native", "/ paho"], rows)
+    for kind in KINDS:
+        print(f"  {LABEL[kind]}: {RECEIVER[kind]}")
+    headline = {k.split("/coordinator+journal")[0]: v for k, v in ratios.items()
+                if k.endswith("/coordinator+journal/native")}
+    worst = min(headline.values())
+    print(f"ratios: {json.dumps(ratios)}")
+    print(f"headline, production configuration (coordinator + journal) / native limit (mosquitto_sub): "
+          f"{json.dumps(headline)}")
     print(f"goal >= {GOAL}: worst {worst:.2f} -> {'met' if worst >= GOAL else 'NOT met'}")
-    return {"ratios": ratios, "worst": worst, "trials": [t.__dict__ for t in trials]}
+    print(f"decode_publish: paho subscriber {args.paho_subscriber_decoder}; coordinator process "
+          f"{args.coordinator_decoder}; {mosquitto_sub_version()}; load1 at end {os.getloadavg()[0]:.2f}")
+    return {"ratios": ratios, "headline": headline, "worst": worst, "trials": [t.__dict__ for t in trials]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     args.update_mib = args.update_mib or (8 if args.quick else 32)
     args.codecs = args.codecs or (["raw"] if args.quick else ["raw", "zstd"])
     args.repeats = args.repeats or (1 if args.quick else 3)
-    from fedsync.memtune import keep_freed_memory
+    from fedsync.transport.memtune import keep_freed_memory
 
-    # This process hosts the coordinator (and the baseline subscriber): tune its allocator as
+    # This process hosts the coordinator (the baselines run in processes of their own): tune its allocator as
     # `fedsync coordinator` does. FEDSYNC_MALLOC=default measures glibc's defaults instead.
     args.malloc_tuned = keep_freed_memory()
     print(environment(), f"malloc tuned: {args.malloc_tuned}", file=sys.stderr)

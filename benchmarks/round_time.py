@@ -13,7 +13,7 @@ What runs (all on 127.0.0.1, every process started here is stopped here):
   ``flower-supernode`` processes, and the hand-written app in
   ``benchmarks/flower_app`` submitted with ``flwr run``. With N > 10 each
   SuperNode serves N/10 logical clients: the ServerApp sends client i's
-  message to node i % 10 (100 client processes do not fit, DESIGN.md), and
+  message to node i % 10 (100 separate client processes and their ClientApps do not fit in memory here), and
   every message starts one ClientApp process on its node.
 
 Both sides run the same fake local training (params + 1e-3 * N(0, 1), float32,
@@ -21,7 +21,8 @@ seeded per (seed, client, round); weight 100) and FedAvg over every client.
 
 Bytes are counted one way for both: every device-side connection (MQTT device
 <-> mosquitto; SuperNode <-> SuperLink) goes through a counting TCP proxy
-(a separate process, below) and we report TCP payload bytes in each direction.
+(``benchmarks.common.CountingProxy``: ChaosProxy's clean profile in a separate
+process) and we report TCP payload bytes in each direction.
 The coordinator / ServerApp side (beside the broker / SuperLink) is not counted.
 
 Round time: fedsync, from the manifest's issue to the commit (coordinator
@@ -29,6 +30,14 @@ clock); Flower, from the ServerApp pushing the round's messages to the last
 reply aggregated. Round 1 is a warm-up on both sides (Flower installs the app,
 fedsync devices connect); the table shows the mean of rounds 2..R, and bytes
 are counted from the end of round 1 to the end of round R.
+
+Where Flower's time goes ("where the time goes" column, :func:`flower_breakdown`): the
+ClientApp appends, per message, its process's start, ``train``'s start and end and the CPU
+its start-up took; the ServerApp its push and done times. A round is followed along the
+SuperNode whose reply came last: its ClientApp start-ups + training + the waits around them
+(Flower 1.42's polling and hand-offs: the SuperNode pulls every 3 s when idle, SuperExec
+polls for tasks every 1 s, the SuperNode polls for the ClientApp's reply every 0.5 s, the
+ServerApp pulls replies every 3 s).
 
 Flower needs ``flwr==1.42.0`` in its own venv (never the project's)::
 
@@ -43,10 +52,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
-import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -59,181 +65,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from broker_config.process import free_port  # noqa: E402
+from benchmarks.common import CountingProxy, ProcessTree, environment, raise_nofile  # noqa: E402
+from fedsync.broker_config.process import free_port  # noqa: E402
 
 FLOWER_APP = ROOT / "benchmarks" / "flower_app"
 DEFAULT_VENV = Path("/tmp/flwr-venv")
 NOISE, SAMPLES, FEDERATION = 1e-3, 100, "bench"
-
-
-# -- counting TCP proxy ----------------------------------------------------------------------
-
-class CountingProxy:
-    """A TCP relay on 127.0.0.1 in its own process that counts payload bytes each way.
-
-    ``up`` = client -> server, ``down`` = server -> client; ``connections`` accepted so far.
-
-    >>> # with CountingProxy(target_port=1883) as p: connect to p.port ...; p.counts()
-    """
-
-    def __init__(self, target_port: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.target_port = target_port
-        self._counters = ctx.Array("q", 3)  # up, down, connections
-        self._ready = ctx.Event()
-        self._port = ctx.Value("i", 0)
-        self._proc = ctx.Process(target=_proxy_main, args=(target_port, self._counters, self._port, self._ready),
-                                 daemon=True, name="counting-proxy")
-
-    def start(self) -> "CountingProxy":
-        self._proc.start()
-        if not self._ready.wait(20):
-            raise RuntimeError("counting proxy did not start")
-        return self
-
-    @property
-    def port(self) -> int:
-        return self._port.value
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    def counts(self) -> tuple[int, int, int]:
-        with self._counters.get_lock():
-            return tuple(self._counters[:])  # type: ignore[return-value]
-
-    def stop(self) -> None:
-        if self._proc.is_alive():
-            self._proc.terminate()
-        self._proc.join(5)
-
-    def __enter__(self) -> "CountingProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _proxy_main(target_port: int, counters, port_value, ready) -> None:
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        pass
-    sel = selectors.DefaultSelector()
-    lsock = socket.socket()
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1024)
-    lsock.setblocking(False)
-    sel.register(lsock, selectors.EVENT_READ, None)
-    port_value.value = lsock.getsockname()[1]
-    ready.set()
-    pending = [0, 0]  # counted bytes not yet added to the shared counters (batching the lock)
-    conns = 0
-    last_flush = time.monotonic()
-    limit = 4 << 20  # stop reading a side while 4 MiB wait for its peer (backpressure)
-
-    class Side:
-        __slots__ = ("sock", "peer", "buf", "direction", "closed")
-
-        def __init__(self, sock, direction):
-            self.sock, self.peer, self.buf, self.direction, self.closed = sock, None, bytearray(), direction, False
-
-    def update(side: Side) -> None:
-        if side.closed:
-            return
-        ev = 0
-        if side.peer is not None and not side.peer.closed and len(side.peer.buf) < limit:
-            ev |= selectors.EVENT_READ
-        if side.buf:
-            ev |= selectors.EVENT_WRITE
-        try:
-            if ev:
-                sel.modify(side.sock, ev, side)
-            else:
-                sel.modify(side.sock, selectors.EVENT_READ, side)  # still notice a close
-        except (KeyError, ValueError):
-            pass
-
-    def close(side: Side) -> None:
-        for s in (side, side.peer):
-            if s is not None and not s.closed:
-                s.closed = True
-                try:
-                    sel.unregister(s.sock)
-                except (KeyError, ValueError):
-                    pass
-                s.sock.close()
-
-    while True:
-        for key, mask in sel.select(0.2):
-            if key.data is None:
-                while True:
-                    try:
-                        c, _ = lsock.accept()
-                    except BlockingIOError:
-                        break
-                    try:
-                        s = socket.create_connection(("127.0.0.1", target_port), timeout=5)
-                    except OSError:
-                        c.close()
-                        continue
-                    for x in (c, s):
-                        x.setblocking(False)
-                        x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    a, b = Side(c, 0), Side(s, 1)  # bytes read from the client travel up (0)
-                    a.peer, b.peer = b, a
-                    sel.register(c, selectors.EVENT_READ, a)
-                    sel.register(s, selectors.EVENT_READ, b)
-                    conns += 1
-                continue
-            side: Side = key.data
-            if side.closed:
-                continue
-            if mask & selectors.EVENT_READ:
-                try:
-                    data = side.sock.recv(1 << 18)
-                except (BlockingIOError, InterruptedError):
-                    data = None
-                except OSError:
-                    data = b""
-                if data == b"":
-                    # flush what the peer still owes, then close both
-                    if side.peer is not None and side.peer.buf:
-                        try:
-                            side.peer.sock.setblocking(True)
-                            side.peer.sock.sendall(side.peer.buf)
-                        except OSError:
-                            pass
-                    close(side)
-                    continue
-                if data:
-                    pending[side.direction] += len(data)
-                    side.peer.buf += data
-                    update(side.peer)
-                    update(side)
-            if mask & selectors.EVENT_WRITE and side.buf and not side.closed:
-                try:
-                    n = side.sock.send(side.buf)
-                    del side.buf[:n]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:
-                    close(side)
-                    continue
-                update(side)
-                if side.peer is not None:
-                    update(side.peer)
-        now = time.monotonic()
-        if now - last_flush > 0.02 or pending[0] + pending[1] > (8 << 20):
-            with counters.get_lock():
-                counters[0] += pending[0]
-                counters[1] += pending[1]
-                counters[2] = conns
-            pending[0] = pending[1] = 0
-            last_flush = now
+FEDSYNC_WHERE = "no process starts, no polling: long-lived MQTT sessions; the broker pushes each message"
 
 
 # -- the coordinator in its own process ------------------------------------------------------
@@ -242,15 +80,15 @@ def coordinator_main(url: str, password: str, policy: dict, num_params: int, eve
     """Run a CoordinatorService until ``stop`` is set; report each RoundClosed and final stats on ``events``."""
     import logging
 
-    from fedsync.memtune import keep_freed_memory
+    from fedsync.transport.memtune import keep_freed_memory
 
     keep_freed_memory()  # as `fedsync coordinator` does
 
     import numpy as np
 
-    from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
-    from coordinator.service import CoordinatorService
-    from fedsync.mqtt import Credentials
+    from fedsync.coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
+    from fedsync.coordinator.service import CoordinatorService
+    from fedsync.address import Credentials
     from fedsync.topics import Topics
 
     logging.basicConfig(level=logging.WARNING)
@@ -308,19 +146,11 @@ class Result:
     bytes_up: float = 0.0  # per measured round, device -> server
     bytes_down: float = 0.0
     note: str = ""
+    where: dict = field(default_factory=dict)  # Flower: where a round's time goes (flower_breakdown)
 
     @property
     def mean_round(self) -> float:
         return sum(self.round_seconds) / len(self.round_seconds) if self.round_seconds else float("nan")
-
-
-def raise_nofile(want: int) -> int:
-    """Raise the soft RLIMIT_NOFILE towards ``want`` (up to the hard limit); return the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # -- fedsync ---------------------------------------------------------------------------------
@@ -328,10 +158,10 @@ def raise_nofile(want: int) -> int:
 def run_fedsync(clients: int, params: int, codec: str, rounds: int, seed: int = 0) -> Result:
     import secrets
 
-    from broker_config.process import BrokerProcess
-    from device_agent.service import DeviceSpec
-    from device_agent.swarm import NoiseTrainer, Swarm
-    from fedsync.mqtt import Credentials
+    from fedsync.broker_config.process import BrokerProcess
+    from fedsync.device_agent.service import DeviceSpec
+    from fedsync.lab.swarm import NoiseTrainer, Swarm
+    from fedsync.address import Credentials
     from fedsync.topics import Topics
 
     raise_nofile(4 * clients + 256)
@@ -410,70 +240,6 @@ def _tail(path: Path, n: int = 25) -> str:
         return "(no log)"
 
 
-def _become_subreaper() -> None:
-    """Orphans of our children (Flower detaches superexec and app processes) reparent to us, not to
-    PID 1 (which in a container may never reap them), so ``ProcessTree.stop`` can reap them."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-class ProcessTree:
-    """Processes started here, each in its own session; ``stop`` ends each and its descendants by pid."""
-
-    def __init__(self) -> None:
-        _become_subreaper()
-        self.procs: list[subprocess.Popen] = []
-        self.seen: dict[int, object] = {}  # pid -> psutil.Process, descendants noticed while running
-
-    def spawn(self, argv: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
-        f = open(log, "ab")
-        p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-        f.close()
-        self.procs.append(p)
-        return p
-
-    def note_descendants(self) -> None:
-        import psutil
-
-        for p in self.procs:
-            try:
-                for c in psutil.Process(p.pid).children(recursive=True):
-                    self.seen.setdefault(c.pid, c)
-            except psutil.NoSuchProcess:
-                pass
-
-    def stop(self) -> None:
-        import psutil
-
-        self.note_descendants()
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        for pid, proc in self.seen.items():  # superexec, serverapp, clientapps (detached by Flower)
-            try:
-                if proc.is_running():
-                    proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for pid in self.seen:
-            try:
-                os.waitpid(pid, 0)  # ours as subreaper: no zombies left behind
-            except ChildProcessError:
-                pass
-
-
 def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0) -> Result:
     nodes = min(clients, 10)
     per = clients // nodes
@@ -485,7 +251,8 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
     home.mkdir()
     env = flwr_env(venv, home)
     tree = ProcessTree()
-    results = work / "rounds.jsonl"
+    results, timings = work / "rounds.jsonl", work / "timings.jsonl"
+    rows: list[dict] = []
     try:
         link_port = free_port()
         tree.spawn([str(venv / "bin" / "flower-superlink"), "--insecure", "--port", str(link_port),
@@ -501,7 +268,7 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
                 f"insecure = true\n", encoding="utf-8")
             run_config = (f"num-params={params} num-clients={clients} num-rounds={rounds} seed={seed} "
                           f"noise-scale={NOISE} num-samples={SAMPLES} min-nodes={nodes} "
-                          f"results-file='{results}'")
+                          f"results-file='{results}' timings-file='{timings}'")
             out = subprocess.run([str(venv / "bin" / "flwr"), "run", str(FLOWER_APP), "bench",
                                   "--run-config", run_config], env=env, cwd=work, capture_output=True,
                                  text=True, timeout=180)
@@ -516,6 +283,7 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
                 lines = results.read_text().splitlines() if results.exists() else []
                 while seen < len(lines):
                     row = json.loads(lines[seen])
+                    rows.append(row)
                     up, down, _ = proxy.counts()
                     marks.append((up, down))
                     res.round_seconds.append(row["seconds"])
@@ -525,6 +293,8 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
             if seen < rounds:
                 raise RuntimeError(f"Flower: {seen} of {rounds} rounds in time; superlink log:\n"
                                    f"{_tail(work / 'superlink.log')}")
+        per_message = [json.loads(x) for x in timings.read_text().splitlines()] if timings.exists() else []
+        res.where = flower_breakdown(rows[1:], per_message)
     finally:
         tree.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -533,6 +303,51 @@ def run_flower(clients: int, params: int, rounds: int, venv: Path, seed: int = 0
     res.bytes_up = (marks[-1][0] - marks[0][0]) / measured
     res.bytes_down = (marks[-1][1] - marks[0][1]) / measured
     return res
+
+
+def flower_breakdown(rounds: list[dict], messages: list[dict]) -> dict:
+    """Where Flower's measured rounds spend their time, averaged over ``rounds`` (ServerApp rows).
+
+    Every message is one ClientApp process: its start-up (process start to ``train`` entry:
+    interpreter, flwr and numpy imports, fetching app and message) and its training are timed
+    by the ClientApp itself. A round ends with the last reply, so its time is followed along the
+    node that finished last, whose messages run one after another (a SuperNode hands out one
+    message at a time): that node's start-ups + training + the waits around them, which are
+    Flower's polling and hand-offs: first launch (SuperNode pull, every 3 s when idle; SuperExec
+    task poll, 1 s), between messages (reply poll 0.5 s, push, next pull and launch), and after
+    the last reply (push to the SuperLink; the ServerApp pulls replies every 3 s).
+    """
+    out: list[dict] = []
+    for r in rounds:
+        mine = [m for m in messages if m["round"] == r["round"]]
+        if not mine or "pushed" not in r:
+            continue
+        last = max(mine, key=lambda m: m["train_end"])
+        path = sorted((m for m in mine if m["node"] == last["node"]), key=lambda m: m["process_start"])
+        startups = sum(m["train_start"] - m["process_start"] for m in path)
+        training = sum(m["train_end"] - m["train_start"] for m in path)
+        between = sum(b["process_start"] - a["train_end"] for a, b in zip(path, path[1:]))
+        out.append({"seconds": r["done"] - r["pushed"], "process_starts": len({m["pid"] for m in mine}),
+                    "startup_mean": sum(m["train_start"] - m["process_start"] for m in mine) / len(mine),
+                    "startup_cpu_mean": sum(m["startup_cpu"] for m in mine) / len(mine),
+                    "path_messages": len(path), "path_startups": startups, "path_training": training,
+                    "first_launch_wait": path[0]["process_start"] - r["pushed"], "between_waits": between,
+                    "last_reply_wait": r["done"] - last["train_end"]})
+    if not out:
+        return {}
+    return {k: sum(x[k] for x in out) / len(out) for k in out[0]} | {"rounds": len(out)}
+
+
+def where_text(w: dict) -> str:
+    """The table's one-cell summary of :func:`flower_breakdown`."""
+    if not w:
+        return ""
+    waits = w["first_launch_wait"] + w["between_waits"] + w["last_reply_wait"]
+    return (f"{w['process_starts']:.0f} ClientApp starts/round ({w['startup_mean']:.2f} s, "
+            f"{w['startup_cpu_mean']:.2f} CPU-s each). Last node, {w['path_messages']:.0f} msg: "
+            f"start-ups {w['path_startups']:.1f} s + training {w['path_training']:.2f} s + polling/hand-offs "
+            f"{waits:.1f} s (first launch {w['first_launch_wait']:.1f}, between {w['between_waits']:.1f}, "
+            f"last reply to ServerApp {w['last_reply_wait']:.1f})")
 
 
 def locate_venv(path: Path, install: bool) -> Path | None:
@@ -558,8 +373,8 @@ def report(results: list[Result]) -> None:
 
     t = Table(title="Round time and device-side bytes per round (mean of rounds 2..R, same run)")
     for col in ("system", "clients x params", "codec", "s/round", "MB up/round", "MB down/round",
-                "up/client", "down/client", "vs Flower: time", "vs Flower: bytes"):
-        t.add_column(col, justify="right" if col not in ("system", "codec") else "left")
+                "up/client", "down/client", "vs Flower: time", "vs Flower: bytes", "where the time goes"):
+        t.add_column(col, justify="right" if col not in ("system", "codec", "where the time goes") else "left")
     for r in results:
         flower = next((f for f in results if f.system.startswith("Flower") and (f.clients, f.params) ==
                        (r.clients, r.params)), None)
@@ -568,11 +383,14 @@ def report(results: list[Result]) -> None:
             ratio_t = f"{r.mean_round / flower.mean_round:.3f}"
             ratio_b = f"{(r.bytes_up + r.bytes_down) / (flower.bytes_up + flower.bytes_down):.3f}"
         t.add_row(r.system, f"{r.clients} x {r.params:,}", r.codec, f"{r.mean_round:.2f}", mb(r.bytes_up),
-                  mb(r.bytes_down), mb(r.bytes_up / r.clients), mb(r.bytes_down / r.clients), ratio_t, ratio_b)
-    Console(width=200).print(t)
+                  mb(r.bytes_down), mb(r.bytes_up / r.clients), mb(r.bytes_down / r.clients), ratio_t, ratio_b,
+                  where_text(r.where) if r.where else FEDSYNC_WHERE if r.system == "fedsync" else "")
+    Console(width=260).print(t)
     for r in results:
         print(f"- {r.system} {r.clients}x{r.params} {r.codec}: rounds {[round(s, 2) for s in r.round_seconds]}; "
               f"hosting: {r.hosting}{'; ' + r.note if r.note else ''}")
+        if r.where:
+            print(f"  where the time goes (mean of {r.where['rounds']} measured round(s)): {where_text(r.where)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 2:
         ap.error("--rounds must be >= 2 (round 1 is the warm-up)")
     configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
+    print(environment(), flush=True)
     venv = None if a.no_flower else locate_venv(a.flwr_venv, a.install_flwr)
     results: list[Result] = []
     for clients, params in configs:

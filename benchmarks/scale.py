@@ -14,8 +14,9 @@ What runs (127.0.0.1 only; everything started here is stopped here):
   and then selects ``--participants`` of them per round (target = quorum = participants).
 * all devices in one Swarm (one selector thread, one MQTT connection each, connected in
   waves of ``--max-connecting``), NoiseTrainer (params + 1e-3 noise, 100 samples).
-* two counting TCP proxies (benchmarks/round_time.py): one in front of the broker for the
-  devices, one for the coordinator, so bytes per round are TCP payload bytes on each side.
+* two counting TCP proxies (``benchmarks.common.CountingProxy``: ChaosProxy's clean profile,
+  each in a process of its own): one in front of the broker for the devices, one for the
+  coordinator, so bytes per round are TCP payload bytes on each side.
 
 Per round it reports: wall time (manifest issued -> commit), coordinator CPU seconds,
 device-side MQTT PUBLISH packets (sent by devices / delivered to devices) and bytes.
@@ -35,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.round_time import (FEDERATION, NOISE, SAMPLES, CountingProxy, coordinator_main,  # noqa: E402
-                                  raise_nofile, stop_coordinator)
+from benchmarks.common import CountingProxy, raise_nofile  # noqa: E402
+from benchmarks.round_time import FEDERATION, NOISE, SAMPLES, coordinator_main, stop_coordinator  # noqa: E402
 
 
 def peak_rss(pid: int) -> int:
@@ -64,10 +65,10 @@ def nofile_of(pid: int) -> str:
 def run(devices: int, participants: int, params: int, rounds: int, codec: str, max_connecting: int) -> dict:
     import psutil
 
-    from broker_config.process import BrokerProcess
-    from device_agent.service import DeviceSpec
-    from device_agent.swarm import NoiseTrainer, Swarm
-    from fedsync.mqtt import Credentials
+    from fedsync.broker_config.process import BrokerProcess
+    from fedsync.device_agent.service import DeviceSpec
+    from fedsync.lab.swarm import NoiseTrainer, Swarm
+    from fedsync.address import Credentials
     from fedsync.topics import Topics
 
     soft_before = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[0]

@@ -6,7 +6,7 @@ Theory of operation
 (subscribe to and receive) and write (publish to). It is derived from the topic tree,
 :data:`fedsync.topics.TOPIC_TABLE`, so a topic cannot be added without its grants. ``{fed}`` is the federation and
 ``{user}`` the MQTT user name, which for a device is also its client id and its device
-id (DESIGN.md: "the device id in a topic must match the MQTT client id / user"). Two
+id (docs/brokers.md: the device id in a topic is the MQTT client id and user). Two
 renderers turn the table into broker configuration:
 
 * :func:`mosquitto_acl` writes a mosquitto ``acl_file``;
@@ -16,7 +16,9 @@ renderers turn the table into broker configuration:
 Roles
 ~~~~~
 ``coordinator`` (user ``coordinator``) reads every device's updates and presence and
-writes the manifest, model shards, receipts and its own status, in any federation.
+writes the manifest, model shards, receipts and its own status, in any federation; it
+also reads back its retained manifest and model (to repair a broker's stale copy) and
+may write under ``up/`` (only to delete an update a device published retained).
 A device reads the round manifest, the model, its *own* receipts and the coordinator's
 status, and writes only its own updates and its own status (its last will included:
 mosquitto checks a will's topic against the ACL at CONNECT). ``monitor`` is a
@@ -64,7 +66,7 @@ def _grants_of(role: str) -> tuple[Grant, ...]:
     out = []
     for rule in TOPIC_TABLE:
         topic = f"fedsync/{fed}/" + rule.filter.replace("{device}", device).replace("+/#", "#")
-        if rule.writer == role:
+        if rule.writer == role or role in rule.clearers:
             out.append(Grant("write", topic))
         if role in rule.readers:
             out.append(Grant("read", topic))
@@ -99,7 +101,7 @@ def users_and_roles(devices: Sequence[str]) -> list[tuple[str, str]]:
 def rules(role: str, federation: str, user: str) -> list[Grant]:
     """The grants of one account, with ``{fed}`` and ``{user}`` filled in.
 
-    >>> [g.topic for g in rules("device", "demo", "dev-3")][:2]
+    >>> [g.topic for g in rules("device", "demo", "dev-3") if g.access == "write"]
     ['fedsync/demo/up/dev-3/#', 'fedsync/demo/status/dev-3']
     """
     check_name("federation", federation)

@@ -13,7 +13,7 @@ and a live message to be delivered. This module adds two plugins:
 * :class:`TopicACL` is amqtt's ``TopicAccessControlListPlugin`` with a configuration
   class that also accepts ``subscribe_acl`` and ``receive_acl`` (0.12.1's own
   ``Config`` dataclass only declares ``publish_acl`` and the deprecated ``acl``, and
-  amqtt loads plugin configs strictly). The rules come from :mod:`broker_config.acl`,
+  amqtt loads plugin configs strictly). The rules come from :mod:`fedsync.broker_config.acl`,
   the same table the mosquitto ACL is rendered from.
 
 What this cannot fix (amqtt 0.12.1 internals, measured; docs/security.md has the list):
@@ -26,19 +26,17 @@ What this cannot fix (amqtt 0.12.1 internals, measured; docs/security.md has the
   CONNECT with a wrong password still kicks the device whose client id it names.
 * A denied PUBLISH is dropped silently (as in mosquitto, MQTT 3.1.1 has no negative ack).
 
-Run it as ``python -m broker_config.amqtt_auth --host 127.0.0.1 --port 1883
+Run it as ``python -m fedsync.broker_config.amqtt_auth --host 127.0.0.1 --port 1883
 --password-file amqtt.passwd --acl-file amqtt-acl.json``; the ACL file is the JSON of
-:func:`broker_config.acl.amqtt_acl`.
+:func:`fedsync.broker_config.acl.amqtt_acl`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,14 +47,20 @@ from amqtt.session import Session
 
 log = logging.getLogger("fedsync.broker")
 
-_MODULE = "broker_config.amqtt_auth"  # not __name__: that is "__main__" under python -m
+_MODULE = "fedsync.broker_config.amqtt_auth"  # not __name__: that is "__main__" under python -m
+
+
+# Read-only observers (`fedsync status` connects with a fresh client id each time); every other
+# user, coordinator and devices, must connect with its own name as client id.
+ANY_CLIENT_ID = frozenset({"monitor"})
 
 
 class ClientIdIsUser(BaseAuthPlugin):
-    """Refuse a CONNECT unless its client id equals its user name."""
+    """Refuse a CONNECT unless its client id equals its user name (``monitor`` excepted)."""
 
     async def authenticate(self, *, session: Session) -> bool:
-        ok = session.username is not None and session.client_id == session.username
+        ok = session.username is not None and (
+            session.username in ANY_CLIENT_ID or session.client_id == session.username)
         if not ok:
             log.warning("connect_refused reason=client_id_not_user client_id=%s user=%s",
                         session.client_id, session.username)
@@ -78,9 +82,9 @@ def secured_config(host: str, port: int, password_file: str,
                    acl: Mapping[str, Mapping[str, Sequence[str]]]) -> dict:
     """The amqtt broker configuration: password file, client id = user, topic ACL.
 
-    ``acl`` is :func:`broker_config.acl.amqtt_acl`'s result.
+    ``acl`` is :func:`fedsync.broker_config.acl.amqtt_acl`'s result.
     """
-    from broker_config.embedded import broker_config
+    from fedsync.broker_config.embedded import broker_config
 
     config = broker_config(host, port, password_file)
     config["plugins"][f"{_MODULE}.ClientIdIsUser"] = {}
@@ -92,25 +96,8 @@ def secured_config(host: str, port: int, password_file: str,
     return config
 
 
-async def _serve(config: dict, host: str, port: int) -> None:
-    from amqtt.broker import Broker
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    broker = Broker(config)
-    await broker.start()
-    log.info("broker_ready host=%s port=%d auth=password_file acl=on", host, port)
-    try:
-        await stop.wait()
-    finally:
-        await broker.shutdown()
-        log.info("broker_stopped host=%s port=%d", host, port)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from broker_config.embedded import _configure_logging
+    from fedsync.broker_config.embedded import run_embedded
 
     parser = argparse.ArgumentParser(
         prog=f"python -m {_MODULE}",
@@ -118,15 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--password-file", required=True, help="amqtt password file (username:argon2id-hash)")
-    parser.add_argument("--acl-file", required=True, help="JSON of broker_config.acl.amqtt_acl(...)")
+    parser.add_argument("--acl-file", required=True, help="JSON of fedsync.broker_config.acl.amqtt_acl(...)")
     args = parser.parse_args(argv)
     for path in (args.password_file, args.acl_file):
         if not os.path.isfile(path):
             parser.error(f"{path!r} does not exist")
     with open(args.acl_file, encoding="utf-8") as f:
         acl = json.load(f)
-    _configure_logging()
-    asyncio.run(_serve(secured_config(args.host, args.port, args.password_file, acl), args.host, args.port))
+    run_embedded(args.host, args.port, args.password_file, acl)
     return 0
 
 

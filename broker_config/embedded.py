@@ -10,9 +10,11 @@ then shuts the broker down and returns.
 With a password file, only the ``FileAuthPlugin`` is loaded, so anonymous login is
 off. That matters beyond security: amqtt drops the session of an anonymous client when
 it disconnects, so QoS 1 messages for an offline persistent session are queued only
-when anonymous login is off (the fedsync DESIGN.md, "Broker behaviours measured").
+when anonymous login is off (docs/brokers.md).
 
-Known limits of amqtt 0.12.1 (measured, see DESIGN.md): a retained message can reach a
+One amqtt 0.12.1 bug is worked around here (:class:`SnapshotSubscriptions`: a client that
+connected while another subscribed lost every publish). Known limits of amqtt 0.12.1
+(measured, docs/brokers.md): a retained message can reach a
 client that never subscribed to its topic, a last will never fires for a frozen peer
 (socket open, no pings), QoS 2 loses a few messages across forced reconnects, and
 nothing survives a restart. Use mosquitto in the field; every client filters and
@@ -25,7 +27,7 @@ sha512-crypt (``$6$...``, needs the ``crypt`` module, gone in Python 3.13). Desp
 plugin's docstring, plain sha-512 and bcrypt are *not* accepted. ``write_password_file``
 writes Argon2id.
 
-Run it as ``python -m broker_config.embedded --host 127.0.0.1 --port 1883
+Run it as ``python -m fedsync.broker_config.embedded --host 127.0.0.1 --port 1883
 [--password-file FILE]``.
 """
 
@@ -87,10 +89,9 @@ def write_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) 
 
     >>> write_password_file("/tmp/amqtt.passwd", {"coordinator": "pw"})  # doctest: +SKIP
     """
-    text = format_password_file(users)
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    from fedsync.atomic import write_atomic
+
+    write_atomic(path, format_password_file(users), mode=0o600)
 
 
 def broker_config(host: str, port: int, password_file: str | None) -> dict:
@@ -108,18 +109,85 @@ def broker_config(host: str, port: int, password_file: str | None) -> dict:
     }
 
 
-async def _serve(host: str, port: int, password_file: str | None) -> None:
+def read_users_file(path: str) -> dict[str, str]:
+    """``name:password`` lines (``#`` comments and blank lines skipped) -> {name: password}.
+
+    The one parser of the plain users file that ``fedsync broker --users`` takes; a bad
+    line raises :class:`ConfigError` naming the file and the line.
+    """
+    from fedsync.config import ConfigError
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"users: cannot read {path}: {exc.strerror} (command line)") from None
+    users = {}
+    for n, line in enumerate(lines, 1):
+        if line.strip() and not line.startswith("#"):
+            name, sep, pw = line.partition(":")
+            if not sep:
+                raise ConfigError(f"{path}:{n}: expected 'name:password'")
+            users[name.strip()] = pw.strip()
+    return users
+
+
+class SnapshotSubscriptions(dict):
+    """amqtt 0.12.1's subscription table (``Broker._subscriptions``), iterated over a copy.
+
+    amqtt awaits inside its loops over this table: when a client connects it publishes
+    retained messages filter by filter (``_handle_client_session``), and every broadcast
+    checks each subscriber (``_run_broadcast``). A client that subscribes to a new filter
+    meanwhile (an agent fetching model shards does, on exact topics) makes the loop raise
+    ``RuntimeError: dictionary changed size during iteration``. In the connect loop that
+    ends the new client's session handling after its CONNACK, while amqtt's protocol handler
+    goes on acknowledging its QoS 1 publishes: every one of them is then lost, neither
+    forwarded nor retained (measured: 8-9 of 20 retained uploads lost in 3 of 8 federation runs
+    on a loaded machine; tests/test_brokers.py fails 3 of 3 without this class). Iterating a copy is what those loops need: a filter
+    added meanwhile was subscribed after the loop began.
+
+    >>> t = SnapshotSubscriptions(a=[1])
+    >>> for k in t: t[k + "x"] = []
+    >>> sorted(t), [k for k, _ in t.items()]
+    (['a', 'ax'], ['a', 'ax'])
+    """
+
+    def __iter__(self):
+        return iter(list(dict.keys(self)))
+
+    def keys(self):
+        return list(dict.keys(self))
+
+    def items(self):
+        return list(dict.items(self))
+
+    def values(self):
+        return list(dict.values(self))
+
+
+def make_broker(config: dict):
+    """An amqtt ``Broker(config)`` whose subscription table is a :class:`SnapshotSubscriptions`."""
     from amqtt.broker import Broker
 
+    broker = Broker(config)
+    table = getattr(broker, "_subscriptions", None)
+    if type(table) is not dict:  # amqtt is pinned (pyproject.toml); a new version needs a new look
+        raise RuntimeError(f"amqtt Broker._subscriptions is {type(table).__name__}, not the dict of 0.12.1")
+    broker._subscriptions = SnapshotSubscriptions(table)
+    return broker
+
+
+async def serve(config: dict, host: str, port: int, *, note: str) -> None:
+    """Start an amqtt broker (:func:`make_broker`), log ``broker_ready``, stop on SIGINT/SIGTERM.
+
+    The one start/stop sequence of the embedded broker, with or without the ACL plugins.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-
-    broker = Broker(broker_config(host, port, password_file))
+    broker = make_broker(config)
     await broker.start()
-    log.info("broker_ready host=%s port=%d auth=%s", host, port,
-                "password_file" if password_file else "anonymous")
+    log.info("broker_ready host=%s port=%d %s", host, port, note)
     try:
         await stop.wait()
     finally:
@@ -127,20 +195,31 @@ async def _serve(host: str, port: int, password_file: str | None) -> None:
         log.info("broker_stopped host=%s port=%d", host, port)
 
 
-def run_embedded(host: str = "127.0.0.1", port: int = 1883, password_file: str | None = None) -> None:
+def run_embedded(host: str = "127.0.0.1", port: int = 1883, password_file: str | None = None,
+                 acl: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> None:
     """Run an amqtt broker on ``host:port`` until SIGINT/SIGTERM, then shut it down.
 
-    Blocking; must run in the main thread (it installs signal handlers).
+    ``acl`` (:func:`fedsync.broker_config.acl.amqtt_acl`'s result, needs a password file)
+    adds client id = user and the federation's topic ACL. Blocking; must run in the main
+    thread (it installs signal handlers).
 
     >>> run_embedded("127.0.0.1", 18830, password_file="amqtt.passwd")  # doctest: +SKIP
     """
     if password_file is not None and not os.path.isfile(password_file):
         raise FileNotFoundError(f"password file {password_file!r} does not exist")
-    _configure_logging()
-    asyncio.run(_serve(host, port, password_file))
+    configure_logging()
+    if acl is None:
+        config = broker_config(host, port, password_file)
+        note = "auth=password_file" if password_file else "auth=anonymous"
+    else:
+        from fedsync.broker_config.amqtt_auth import secured_config
+
+        assert password_file is not None, "an ACL needs a password file"
+        config, note = secured_config(host, port, password_file, acl), "auth=password_file acl=on"
+    asyncio.run(serve(config, host, port, note=note))
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -154,7 +233,7 @@ def _configure_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m broker_config.embedded",
+        prog="python -m fedsync.broker_config.embedded",
         description="Embedded amqtt MQTT broker for demos and labs (use mosquitto in the field).",
     )
     parser.add_argument("--host", default="127.0.0.1",

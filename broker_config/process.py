@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``BrokerProcess`` owns one broker process (amqtt via ``python -m
-broker_config.embedded``, or mosquitto with a generated config) and one working
+fedsync.broker_config.embedded``, or mosquitto with a generated config) and one working
 directory holding everything that process reads or writes::
 
     workdir/
@@ -15,8 +15,8 @@ directory holding everything that process reads or writes::
         data/               mosquitto persistence                     [mosquitto]
 
 With ``federation_acl="demo"`` the broker also enforces the fedsync topic ACL for the
-given users (``broker_config.acl``: mosquitto via an ``acl_file``, amqtt via the plugins
-in ``broker_config.amqtt_auth``). ``BrokerProcess.from_config_dir(dir)`` instead runs
+given users (``fedsync.broker_config.acl``: mosquitto via an ``acl_file``, amqtt via the plugins
+in ``fedsync.broker_config.amqtt_auth``). ``BrokerProcess.from_config_dir(dir)`` instead runs
 mosquitto with exactly the configuration ``fedsync broker-config`` rendered into ``dir``
 (TLS listener included; ``url`` is then ``mqtts://``); nothing is generated or rewritten.
 
@@ -41,30 +41,33 @@ never what the rendered production config does.
 from __future__ import annotations
 
 import functools
+import json
 import os
-import pwd
 import shutil
 import signal
 import socket
-import stat
-import string
 import subprocess
 import sys
 import tempfile
 import time
 import weakref
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
+
+from fedsync.atomic import write_atomic
+from fedsync.broker_config.acl import RESERVED_USERS, amqtt_acl, mosquitto_acl
+# Re-exported: tests, the lab and benchmarks import these from here with BrokerProcess.
+from fedsync.broker_config.mosquitto import (can_traverse, find_program, mosquitto_account,  # noqa: F401
+                                             mosquitto_available, render_mosquitto_conf,
+                                             write_mosquitto_password_file)
 
 BrokerKind = Literal["amqtt", "mosquitto"]
 
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 
 def free_port() -> int:
@@ -81,135 +84,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _find_program(name: str) -> str | None:
-    # mosquitto installs into sbin, which is often not on a normal user's PATH.
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN_DIRS:
-        candidate = os.path.join(d, name)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def mosquitto_available() -> bool:
-    """True if the mosquitto broker and mosquitto_passwd can be run here."""
-    return _find_program("mosquitto") is not None and _find_program("mosquitto_passwd") is not None
-
-
-def render_mosquitto_conf(
-    port: int,
-    data_dir: str,
-    password_file: str | None,
-    acl_file: str | None,
-    max_packet_size: int = 8 * 1024 * 1024,
-    max_queued_messages: int = 100_000,
-    *,
-    max_queued_bytes: int = 0,
-    user: str | None = None,
-    listeners: str | None = None,
-    extra_settings: str = "",
-) -> str:
-    """Return a mosquitto 2.0 configuration listening on 127.0.0.1:``port``.
-
-    ``password_file`` turns anonymous login off; ``acl_file`` restricts topics per user;
-    ``user`` overrides the account mosquitto drops to when started as root. Every
-    setting is explained in ``mosquitto.conf.template``. ``listeners`` replaces the
-    loopback listener with the given block (``fedsync broker-config`` passes its TLS
-    listeners); ``extra_settings`` is appended verbatim.
-
-    >>> conf = render_mosquitto_conf(1883, "/var/lib/fedsync/mosquitto", "/etc/fedsync/passwd", None)
-    >>> "listener 1883 127.0.0.1" in conf and "allow_anonymous false" in conf
-    True
-    """
-    for name, value in (("port", port), ("max_packet_size", max_packet_size),
-                        ("max_queued_messages", max_queued_messages)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(max_queued_bytes, int) or max_queued_bytes < 0:
-        raise ValueError(f"max_queued_bytes must be an int >= 0 (0 = no limit), got {max_queued_bytes!r}")
-    for name, value in (("data_dir", data_dir), ("password_file", password_file),
-                        ("acl_file", acl_file), ("user", user)):
-        # mosquitto reads one option per line and takes the rest of the line as the value.
-        if value is not None and ("\n" in value or "\r" in value):
-            raise ValueError(f"{name} must not contain a line break: {value!r}")
-
-    template = string.Template(
-        resources.files("broker_config").joinpath("mosquitto.conf.template").read_text(encoding="utf-8"))
-    if listeners is None:
-        listeners = (f"# Loopback only. A broker reachable from the network belongs behind TLS and a reviewed\n"
-                     f"# ACL (`fedsync broker-config`); change this deliberately, never by default.\n"
-                     f"listener {port} 127.0.0.1")
-    return template.substitute(
-        listeners=listeners.rstrip("\n"),
-        extra_settings=extra_settings.rstrip("\n"),
-        # mosquitto appends the file name to this path verbatim: it must end with "/".
-        persistence_location=data_dir if data_dir.endswith("/") else data_dir + "/",
-        allow_anonymous="false" if password_file else "true",
-        password_file_line=f"password_file {password_file}" if password_file
-        else "# no password_file: anonymous login",
-        acl_file_line=f"acl_file {acl_file}" if acl_file else "# no acl_file: every user may use every topic",
-        max_packet_size=max_packet_size,
-        max_queued_messages=max_queued_messages,
-        max_queued_bytes=max_queued_bytes,
-        user_line=f"user {user}" if user else "# user: mosquitto's default (drops root to 'mosquitto')",
-    )
-
-
-def write_mosquitto_password_file(path: str | os.PathLike[str], users: Mapping[str, str]) -> None:
-    """Write a mosquitto password file granting ``users`` (name -> password).
-
-    Uses ``mosquitto_passwd -U`` on a plain-text file, which hashes all users in one
-    run and keeps the passwords off the command line (``-b`` would show them in ps).
-    """
-    program = _find_program("mosquitto_passwd")
-    if program is None:
-        raise RuntimeError("mosquitto_passwd not found; install the mosquitto package")
-    lines = []
-    for username, password in users.items():
-        if not username or ":" in username or "\n" in username or "\n" in password:
-            raise ValueError(f"user {username!r} cannot be stored in a mosquitto password file")
-        lines.append(f"{username}:{password}\n")
-    path = os.fspath(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    result = subprocess.run([program, "-U", path], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"mosquitto_passwd -U {path} failed: {result.stderr.strip() or result.stdout.strip()}")
-
-
 @functools.lru_cache(maxsize=8)
 def _amqtt_password_text(users: tuple[tuple[str, str], ...]) -> str:
     # Argon2 hashing costs ~50 ms per user; tests start a broker per test with the same
     # 33 users, so the salted hashes are computed once per process and reused.
-    from broker_config.embedded import format_password_file
+    from fedsync.broker_config.embedded import format_password_file
 
     return format_password_file(dict(users))
-
-
-def _mosquitto_ids() -> tuple[int, int, list[int]] | None:
-    try:
-        entry = pwd.getpwnam("mosquitto")
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid, os.getgrouplist("mosquitto", entry.pw_gid)
-
-
-def _can_traverse(path: Path, uid: int, gids: list[int]) -> bool:
-    """True if ``uid`` can reach entries inside ``path`` (search permission on every dir)."""
-    for d in (path, *path.parents):
-        st = d.stat()
-        if st.st_uid == uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid in gids:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            return False
-    return True
 
 
 class BrokerProcess:
@@ -237,7 +118,7 @@ class BrokerProcess:
             raise ValueError(f"kind must be 'amqtt' or 'mosquitto', got {kind!r}")
         if acl_file is not None and kind != "mosquitto":
             # amqtt's ACL plugin does not stop retained messages reaching non-subscribers
-            # (DESIGN.md), so accepting an ACL file here would promise isolation it cannot
+            # (docs/brokers.md), so accepting an ACL file here would promise isolation it cannot
             # give; federation_acl enables what amqtt can enforce (docs/security.md).
             raise ValueError("acl_file is supported for mosquitto only")
         if federation_acl is not None and (acl_file is not None or not users):
@@ -379,29 +260,22 @@ class BrokerProcess:
 
     def _prepare_amqtt(self) -> tuple[list[str], bytes]:
         assert self._workdir is not None
-        module = "broker_config.amqtt_auth" if self._federation_acl else "broker_config.embedded"
+        module = "fedsync.broker_config.amqtt_auth" if self._federation_acl else "fedsync.broker_config.embedded"
         argv = [sys.executable, "-m", module, "--host", HOST, "--port", str(self._port)]
         if self._users:
             passwd = self._workdir / "amqtt.passwd"
-            text = _amqtt_password_text(tuple(sorted(self._users.items())))
-            fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            write_atomic(passwd, _amqtt_password_text(tuple(sorted(self._users.items()))), mode=0o600)
             argv += ["--password-file", str(passwd)]
         if self._federation_acl:
-            import json
-
-            from broker_config.acl import RESERVED_USERS, amqtt_acl
-
             devices = [u for u in self._users or {} if u not in RESERVED_USERS]
             acl = self._workdir / "amqtt-acl.json"
-            acl.write_text(json.dumps(amqtt_acl(self._federation_acl, devices), indent=1), encoding="utf-8")
+            write_atomic(acl, json.dumps(amqtt_acl(self._federation_acl, devices), indent=1))
             argv += ["--acl-file", str(acl)]
         return argv, b"broker_ready"
 
     def _prepare_mosquitto(self) -> tuple[list[str], bytes]:
         assert self._workdir is not None
-        program = _find_program("mosquitto")
+        program = find_program("mosquitto")
         if program is None:
             raise RuntimeError("mosquitto not found; install the mosquitto package or use kind='amqtt'")
         if self._config_file is not None:
@@ -419,29 +293,26 @@ class BrokerProcess:
             shutil.copyfile(self._acl_source, acl)
             os.chmod(acl, 0o600)
         elif self._federation_acl:
-            from broker_config.acl import RESERVED_USERS, mosquitto_acl
-
             acl = self._workdir / "mosquitto.acl"
             devices = [u for u in self._users or {} if u not in RESERVED_USERS]
-            acl.write_text(mosquitto_acl(self._federation_acl, devices), encoding="utf-8")
-            os.chmod(acl, 0o600)
+            write_atomic(acl, mosquitto_acl(self._federation_acl, devices), mode=0o600)
 
         user = None
-        ids = _mosquitto_ids() if os.geteuid() == 0 else None
+        ids = mosquitto_account() if os.geteuid() == 0 else None
         if ids is not None:
             uid, gid, gids = ids
             if self._given_workdir is None:
                 os.chown(self._workdir, uid, gid)  # our own temp dir (mode 0700)
-            if _can_traverse(self._workdir, uid, gids):
+            if can_traverse(self._workdir, uid, gids):
                 for path in (data_dir, *data_dir.iterdir(), passwd, acl):
                     if path is not None:
                         os.chown(path, uid, gid)
             else:
                 user = "root"
         conf = self._workdir / "mosquitto.conf"
-        conf.write_text(render_mosquitto_conf(
+        write_atomic(conf, render_mosquitto_conf(
             self._port, str(data_dir), str(passwd) if passwd else None, str(acl) if acl else None,
-            user=user), encoding="utf-8")
+            user=user))
         return [program, "-c", str(conf)], b" running"
 
     def _wait_ready(self, log_path: Path, log_offset: int, marker: bytes) -> None:

@@ -8,7 +8,7 @@ from unchanged::
     DIR/
         mosquitto.conf      TLS listener, anonymous off, ACL, limits sized for the shards
         passwd              every account, hashed by mosquitto_passwd -U
-        acl                 broker_config.acl: who may publish/subscribe where
+        acl                 fedsync.broker_config.acl: who may publish/subscribe where
         secrets/USER.pw     one generated password per account (0600): hand each
                             device its own file, the coordinator and monitor theirs
         ca.pem              the CA devices trust (self-signed mode: made here)
@@ -26,16 +26,18 @@ Sizes: ``max_packet_size`` is twice the largest packet the wire format can produ
 ``--max-shard-bytes`` of shard data (zstd's worst-case expansion, the CBOR envelope at
 its schema limits, the topic), because a packet over it disconnects the publisher
 (MQTT 3.1.1 and 5 alike) and a device would then retry forever. ``max_queued_messages``
-holds two rounds' worth of every device's shards for a slow coordinator (DESIGN.md: the
-default of 1000 lost 50-84% of acknowledged messages), capped in bytes by
-``max_queued_bytes``.
+holds ``ROUNDS_IN_FLIGHT`` (2) rounds' worth of every device's shards for a slow
+coordinator (docs/brokers.md: the default of 1000 lost 50-84% of acknowledged messages),
+capped in bytes by ``max_queued_bytes``. ``memory_limit`` caps the broker's heap at that
+queue plus three models (retained model, retained delta, one in transit), one packet and
+a connection's buffers per account, and a base for mosquitto itself (docs/security.md
+has the figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import secrets
 import socket
 import sys
@@ -43,15 +45,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker_config import acl as acl_mod
-from broker_config.process import _find_program, render_mosquitto_conf, write_mosquitto_password_file
+from fedsync.atomic import write_atomic
+from fedsync.broker_config import acl as acl_mod
+from fedsync.broker_config.mosquitto import (find_program, mosquitto_account, render_mosquitto_conf,
+                                             write_mosquitto_password_file)
 from fedsync.topics import check_name
 
-DEFAULT_SHARD_VALUES = 65536  # coordinator.core.RoundPolicy.shard_values: float32 values per shard
+DEFAULT_SHARD_VALUES = 65536  # fedsync.coordinator.core.RoundPolicy.shard_values: float32 values per shard
 MAX_WIRE_PAYLOAD = 32 * 1024 * 1024  # fedsync.messages.MAX_PAYLOAD: decoders refuse anything larger
 # The CBOR envelope of one UpdateShard/ModelShard around its data, at the schema's limits:
 # 64-char ids, 32-char codec, two 16-byte digests, 32 metrics with 32-char keys, every
-# integer at its maximum. Measured at 1.8 KiB (tests/test_security.py checks it against the
+# integer at its maximum. Measured at 1.8 KiB (tests/test_security_render.py checks it against the
 # real encoder); 4 KiB leaves room for a signature and a few more fields.
 CBOR_ENVELOPE = 4096
 # PUBLISH packet around the payload: fixed header (<= 5), topic length (2), packet id (2)
@@ -61,6 +65,9 @@ MQTT_ENVELOPE = 512
 MANIFEST_BASE = 64 * 1024
 PACKET_ROUNDING = 64 * 1024
 DEFAULT_MAX_QUEUED_BYTES = 1 << 30
+ROUNDS_IN_FLIGHT = 2  # rounds whose shards may sit in the coordinator's queue at once (a round and its resends)
+MEMORY_BASE = 64 << 20  # mosquitto itself, its subscription tree, the retained manifest, receipts and statuses
+PER_CONNECTION = 64 << 10  # a connection's socket and TLS buffers and its session
 PASSWORD_BYTES = 24  # secrets.token_urlsafe(24): 32 characters, 192 bits
 
 
@@ -70,6 +77,7 @@ class Limits:
     max_packet_size: int
     max_queued_messages: int
     max_queued_bytes: int
+    memory_limit: int
 
 
 def zstd_bound(n: int) -> int:
@@ -93,8 +101,11 @@ def size_limits(devices: Sequence[str], max_shard_bytes: int, shards_per_update:
     manifest_payload = MANIFEST_BASE + sum(len(d) + 3 for d in devices)
     largest = max(shard_payload, manifest_payload) + MQTT_ENVELOPE
     packet = -(-2 * largest // PACKET_ROUNDING) * PACKET_ROUNDING
-    queued = max(1000, 2 * len(devices) * shards_per_update)
-    return Limits(largest, packet, queued, max_queued_bytes)
+    queued = max(1000, ROUNDS_IN_FLIGHT * len(devices) * shards_per_update)
+    queue_bytes = max_queued_bytes or queued * largest
+    accounts = len(devices) + 2  # and the coordinator and the monitor
+    memory = queue_bytes + 3 * shards_per_update * shard_payload + accounts * (packet + PER_CONNECTION) + MEMORY_BASE
+    return Limits(largest, packet, queued, max_queued_bytes, memory)
 
 
 @dataclass
@@ -128,7 +139,7 @@ def read_devices(path: str | os.PathLike[str]) -> list[str]:
 
 def render(s: Setup) -> list[str]:
     """Write the setup into ``s.out``; return a summary, one line per item."""
-    from broker_config import tls
+    from fedsync.broker_config import tls
 
     out = s.out.resolve()
     home = (s.install_dir or out).resolve()
@@ -143,14 +154,13 @@ def render(s: Setup) -> list[str]:
                    f"{len(s.devices)} device(s)")
     write_mosquitto_password_file(out / "passwd", passwords)
     summary.append("passwd          hashed by mosquitto_passwd -U")
-    (out / "acl").write_text(acl_mod.mosquitto_acl(s.federation, s.devices), encoding="utf-8")
-    os.chmod(out / "acl", 0o600)
+    write_atomic(out / "acl", acl_mod.mosquitto_acl(s.federation, s.devices), mode=0o600)
     summary.append(f"acl             federation {s.federation!r}: coordinator, monitor (read-only), "
                    f"{len(s.devices)} device(s)")
 
     if s.ca_cert is not None:
         ca = tls.load_ca(s.ca_cert, s.ca_key)  # type: ignore[arg-type]
-        tls._write(out / "ca.pem", ca.cert_pem(), 0o644)
+        write_atomic(out / "ca.pem", ca.cert_pem(), mode=0o644)
         summary.append(f"ca.pem          copied from {s.ca_cert} (its key stays where it is)")
     elif (out / "ca.pem").exists() and (out / "ca.key").exists():
         ca = tls.load_ca(out / "ca.pem", out / "ca.key")
@@ -180,13 +190,18 @@ def render(s: Setup) -> list[str]:
     conf = render_mosquitto_conf(
         s.port, str(home / "data"), str(home / "passwd"), str(home / "acl"),
         max_packet_size=limits.max_packet_size, max_queued_messages=limits.max_queued_messages,
-        max_queued_bytes=limits.max_queued_bytes,
+        max_queued_bytes=limits.max_queued_bytes, memory_limit=limits.memory_limit,
         listeners=_listeners(s, home), extra_settings=_extra_settings(limits))
-    (out / "mosquitto.conf").write_text(conf, encoding="utf-8")
+    write_atomic(out / "mosquitto.conf", conf)
     summary.append(f"mosquitto.conf  TLS on {s.bind}:{s.port}"
                    + (f", plain on 127.0.0.1:{s.plain_port}" if s.plain_port else "")
                    + f"; max_packet_size {limits.max_packet_size}, max_queued_messages "
-                     f"{limits.max_queued_messages}, max_queued_bytes {limits.max_queued_bytes}")
+                     f"{limits.max_queued_messages}, max_queued_bytes {limits.max_queued_bytes}, "
+                     f"memory_limit {limits.memory_limit}")
+    if limits.max_queued_bytes and limits.max_queued_bytes < limits.max_queued_messages * limits.largest_packet:
+        summary.append(f"note            max_queued_bytes {limits.max_queued_bytes} holds "
+                       f"{limits.max_queued_bytes // limits.largest_packet} of {limits.max_queued_messages} "
+                       f"worst-case shards: beyond that the broker drops and devices re-send")
     summary += _hand_over_to_mosquitto(out, home, [out / "passwd", out / "acl", out / "server.key", data])
     return summary
 
@@ -200,10 +215,8 @@ def _passwords(secret_dir: Path, users: list[str], rotate: bool) -> dict[str, st
         password = None if rotate or not path.exists() else path.read_text(encoding="utf-8").strip()
         if not password:
             password = secrets.token_urlsafe(PASSWORD_BYTES)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(password + "\n")
-        os.chmod(path, 0o600)
+            write_atomic(path, password + "\n", mode=0o600)
+        os.chmod(path, 0o600)  # a kept file, too
         out[user] = password
     for stale in secret_dir.glob("*.pw"):
         if stale.stem not in out:
@@ -275,15 +288,15 @@ def _hand_over_to_mosquitto(out: Path, home: Path, paths: list[Path]) -> list[st
     if os.geteuid() != 0:
         return ["note            not root: mosquitto must run as this user, or chown passwd, acl, "
                 "server.key and data/ to its account"]
-    try:
-        entry = pwd.getpwnam("mosquitto")
-    except KeyError:
+    account = mosquitto_account()
+    if account is None:
         return ["note            no 'mosquitto' account here: chown passwd, acl, server.key and data/ "
                 "to the account mosquitto runs as"]
     if home != out:
         return [f"note            after copying to {home}: chown mosquitto passwd acl server.key data/"]
+    uid, gid, _ = account
     for path in paths:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(path, uid, gid)
     return ["owner           passwd, acl, server.key, data/ -> mosquitto (it drops root before reading them)"]
 
 
@@ -328,7 +341,7 @@ def main(argv: list[str]) -> int:
     a = parser.parse_args(argv)
     if (a.ca_cert is None) != (a.ca_key is None):
         parser.error("--ca-cert and --ca-key go together")
-    if _find_program("mosquitto_passwd") is None:
+    if find_program("mosquitto_passwd") is None:
         parser.error("mosquitto_passwd not found: install mosquitto (apt-get install mosquitto)")
     for name in ("port", "plain_port", "max_shard_bytes", "shards_per_update", "max_queued_bytes"):
         value = getattr(a, name)
@@ -352,8 +365,12 @@ def main(argv: list[str]) -> int:
     for line in lines:
         print(f"  {line}")
     print(f"run:  mosquitto -c {(setup.install_dir or setup.out.resolve()) / 'mosquitto.conf'}")
+    # The example must reach the listener and match the certificate: a listener on one address
+    # the certificate names (loopback always) is reached there, else by the certificate's first name.
+    served = setup.bind in setup.hosts or setup.bind in ("127.0.0.1", "::1")  # loopback: always in the certificate
+    host = setup.bind if served else (setup.hosts[0] if setup.hosts else "BROKER")
     print(f"each device gets ca.pem and secrets/<device>.pw, e.g.  fedsync agent --broker "
-          f"mqtts://{setup.hosts[0] if setup.hosts else 'BROKER'}:{setup.port} --ca-file ca.pem "
+          f"mqtts://{host}:{setup.port} --ca-file ca.pem "
           f"--device-id {setup.devices[0] if setup.devices else 'DEVICE'} --password-file "
           f"{setup.devices[0] if setup.devices else 'DEVICE'}.pw")
     return 0

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsync.atomic import write_atomic
+
 CA_DAYS = 3650
 # 825 days is the longest validity Apple platforms accept for a TLS server certificate;
 # a shorter one is fine, a longer one breaks iOS clients.
@@ -59,8 +61,8 @@ class KeyPair:
 
     def write(self, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> None:
         """Write the certificate (mode 0644) and the key (mode 0600)."""
-        _write(cert_path, self.cert_pem(), 0o644)
-        _write(key_path, self.key_pem(), 0o600)
+        write_atomic(cert_path, self.cert_pem(), mode=0o644)
+        write_atomic(key_path, self.key_pem(), mode=0o600)
 
 
 def make_ca(common_name: str = "fedsync private CA", days: int = CA_DAYS,
@@ -192,9 +194,3 @@ def _unique(items: Iterable[str]) -> list[str]:
         seen.setdefault(item, None)
     return list(seen)
 
-
-def _write(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)  # O_CREAT's mode does not apply to an existing file

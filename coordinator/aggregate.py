@@ -10,6 +10,11 @@ round to the next: a server optimiser's moments, a noise generator. Such a
 factory has ``state()`` and ``load_state(state)`` (:class:`StatefulFactory`), and
 the coordinator's checkpoint holds that state; :func:`factory_state` and
 :func:`load_factory_state` treat any other callable as stateless.
+
+Parallel work: a strategy that can use a second core (FedAvg folds two halves of a large
+model at once) has an ``executor`` attribute (:mod:`fedsync.executor`, inline by
+default); the round core sets it, with :func:`use_executor`, to the executor it was
+given when it opens a round. The halves are disjoint, so the sum is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsync.parallel import both
+from fedsync.executor import INLINE, Executor
 
 
 def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -92,6 +97,17 @@ def load_factory_state(factory: Callable[[int], Strategy], state: Mapping[str, o
                          f"{sorted(state)} (written under another strategy?)")
 
 
+def use_executor(strategy: Strategy, executor: Executor) -> None:
+    """Give ``strategy`` the executor for its parallel work, if it has any (an ``executor``
+    attribute); a strategy without one is left as it is.
+
+    >>> s = FedAvg(2); use_executor(s, INLINE); s.executor
+    INLINE
+    """
+    if hasattr(strategy, "executor"):
+        strategy.executor = executor  # type: ignore[attr-defined]
+
+
 def check_delta(delta: np.ndarray, num_params: int) -> None:
     """Raise ``ValueError`` unless ``delta`` has shape (num_params,).
 
@@ -104,7 +120,8 @@ def check_delta(delta: np.ndarray, num_params: int) -> None:
 class FedAvg:
     """Streaming FedAvg (McMahan et al. 2017): global += sum(n_k * d_k) / sum(n_k).
 
-    With ``weighted=False`` every update counts equally (simple mean).
+    With ``weighted=False`` every update counts equally (simple mean). ``executor``
+    (inline by default) folds the two halves of a model of 4 x CHUNK values or more.
 
     >>> s = FedAvg(2)
     >>> s.add(np.array([1.0, 0.0], np.float32), 1); s.add(np.array([3.0, 2.0], np.float32), 3)
@@ -114,11 +131,13 @@ class FedAvg:
 
     CHUNK = 1 << 15  # values per step of add(): the float64 scratch (256 KiB) stays in L2
 
-    def __init__(self, num_params: int, weighted: bool = True, server_lr: float = 1.0) -> None:
+    def __init__(self, num_params: int, weighted: bool = True, server_lr: float = 1.0, *,
+                 executor: Executor = INLINE) -> None:
         self._sum = np.zeros(num_params, dtype=np.float64)
         self._weight = 0.0
         self._scratch = np.empty(min(num_params, self.CHUNK), dtype=np.float64)
-        self._scratch2 = np.empty_like(self._scratch)  # the helper thread's
+        self._scratch2 = np.empty_like(self._scratch)  # the second half's (maybe another thread's)
+        self.executor = executor
         self.weighted = weighted
         self.server_lr = server_lr
         self.count = 0
@@ -126,9 +145,9 @@ class FedAvg:
     def add(self, delta: np.ndarray, num_samples: float) -> None:
         w = float(num_samples) if self.weighted else 1.0
         n = self._sum.size
-        if n >= 4 * self.CHUNK:  # two halves, one on a second core (numpy releases the GIL)
+        if n >= 4 * self.CHUNK:  # two halves, one maybe on a second core (numpy releases the GIL)
             mid = (n // 2) // self.CHUNK * self.CHUNK
-            both(lambda: self._fold(delta, w, 0, mid, self._scratch),
+            self.executor.both(lambda: self._fold(delta, w, 0, mid, self._scratch),
                  lambda: self._fold(delta, w, mid, n, self._scratch2))
         else:
             self._fold(delta, w, 0, n, self._scratch)

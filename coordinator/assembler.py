@@ -19,13 +19,16 @@ rules, in the order they are checked:
    redelivery, a resend after reconnect). A device may have several update ids
    open (it re-encoded after a restart); whichever completes first wins and the
    others are dropped.
-5. When the last shard of an update arrives the ordered shard digests must
-   hash to ``update_digest``; then every shard is decoded with the round's
+5. When the last shard of an update arrives the ordered shard digests, bound to
+   the round's federation, the device, the round, the update id and the base
+   model (``fedsync.params.update_digest``), must hash to ``update_digest``, so
+   a payload moved to another round, device or base fails here; then every shard is decoded with the round's
    codec. Any failure rejects the whole update (reason ``update_digest`` or
    ``decode``) and forgets it, so the device can send a fresh one. (Dense
-   codecs, raw and zstd, are decoded as each shard arrives, on the helper
-   thread of :mod:`fedsync.parallel`; their errors are collected here, so the
-   outcome is the same.)
+   codecs, raw and zstd, are decoded as each shard arrives, every other one
+   through the ``executor`` the assembler was given (:mod:`fedsync.executor`:
+   inline by default, the coordinator service's helper thread in production);
+   their errors are collected here, so the outcome is the same.)
 
 Only a complete, verified update is returned (``complete`` with ``vector``),
 so nothing partial can reach the aggregate and nothing is counted twice.
@@ -39,8 +42,8 @@ import numpy as np
 
 from fedsync.codecs import get_codec
 from fedsync.errors import ProtocolError
+from fedsync.executor import INLINE, Executor, Pending
 from fedsync.messages import UpdateShard
-from fedsync.parallel import Pending, run_here, split_map, submit
 from fedsync.params import bitmap, check_shard_layout, digest, update_digest
 from fedsync.signing import signing_message
 
@@ -54,6 +57,7 @@ class RoundLayout:
     num_params: int
     shard_values: int
     codec: str
+    base_digest: bytes = b""  # the manifest's model_digest: every update digest binds it
 
     @property
     def shard_count(self) -> int:
@@ -72,7 +76,8 @@ class CompleteUpdate:
 
 @dataclass(frozen=True, slots=True)
 class ShardOutcome:
-    """What one shard did. ``kind`` is one of accepted, duplicate, rejected, complete."""
+    """What one shard did. ``kind`` is one of accepted, duplicate, rejected, complete;
+    a rejection names the ``field`` that failed and its ``reason`` code."""
 
     kind: str
     device: str
@@ -80,6 +85,7 @@ class ShardOutcome:
     reason: str = ""
     held: bytes = b""
     update: CompleteUpdate | None = None
+    field: str = ""
 
 
 @dataclass(slots=True)
@@ -102,8 +108,10 @@ class ShardAssembler:
     set()
     """
 
-    def __init__(self, layout: RoundLayout, verifier=None, federation: str = "") -> None:
+    def __init__(self, layout: RoundLayout, verifier=None, federation: str = "", *,
+                 executor: Executor = INLINE) -> None:
         self.layout = layout
+        self.executor = executor  # where half the decoding runs (fedsync.executor)
         self.verifier = verifier  # fedsync.signing verifier: every update must carry a valid signature
         self.federation = federation
         self._codec = get_codec(layout.codec)
@@ -150,10 +158,10 @@ class ShardAssembler:
         try:
             self._check_layout(shard)
         except ProtocolError as err:
-            return ShardOutcome("rejected", shard.device, shard.update_id, reason=err.reason)
+            return ShardOutcome("rejected", shard.device, shard.update_id, reason=err.reason, field=err.field)
         if not digest_checked and digest(shard.data) != shard.digest:
             return ShardOutcome("rejected", shard.device, shard.update_id, reason="digest",
-                                held=self.held(shard.device, shard.update_id))
+                                held=self.held(shard.device, shard.update_id), field="digest")
         if shard.device in self._refused:
             return ShardOutcome("duplicate", shard.device, shard.update_id, reason="update_refused",
                                 held=self.held(shard.device, shard.update_id))
@@ -167,8 +175,11 @@ class ShardAssembler:
                                                shard.signature)
         elif (op.update_digest, op.num_samples, op.signature) != (shard.update_digest, shard.num_samples,
                                                                   shard.signature):
+            differs = next(name for name, a, b in (("update_digest", op.update_digest, shard.update_digest),
+                                                   ("num_samples", op.num_samples, shard.num_samples),
+                                                   ("signature", op.signature, shard.signature)) if a != b)
             return ShardOutcome("rejected", shard.device, shard.update_id, reason="inconsistent_update",
-                                held=self.held(*key))
+                                held=self.held(*key), field=differs)
         if shard.index in op.shards:
             return ShardOutcome("duplicate", shard.device, shard.update_id, reason="shard_already_held",
                                 held=self.held(*key))
@@ -190,15 +201,16 @@ class ShardAssembler:
 
     def _decode_early(self, op: _OpenUpdate, shard: UpdateShard) -> None:
         """Dense codecs: decode the shard now into the update's vector and keep the shard without
-        its data — odd shards here, even ones on the helper thread (one thread doing them all
-        was slower with zstd: it became the bottleneck). Errors are kept until the update
-        completes. A payload is freed as soon as its values are in place, so an open update
+        its data — odd shards here, even ones through the executor (with the helper thread,
+        one thread doing them all was slower with zstd: it became the bottleneck). Errors are
+        kept until the update completes. A payload is freed as soon as its values are in place, so an open update
         holds about as much memory as before (its values instead of its bytes)."""
         if op.vector is None:
             op.vector = np.empty(self.layout.num_params, dtype=np.float32)
         out = op.vector[shard.offset:shard.offset + shard.length]
         data, codec = shard.data, self._codec
-        op.decoding.append((run_here if shard.index % 2 else submit)(lambda: codec.decode_to(data, out)))
+        where = INLINE if shard.index % 2 else self.executor
+        op.decoding.append(where.submit(lambda: codec.decode_to(data, out)))
         op.shards[shard.index] = replace(shard, data=b"")
 
     def _check_layout(self, s: UpdateShard) -> None:
@@ -219,22 +231,27 @@ class ShardAssembler:
         device, update_id = key
         del self._open[key]
         ordered = [op.shards[i] for i in range(self.layout.shard_count)]
-        if update_digest(s.digest for s in ordered) != op.update_digest:
-            return ShardOutcome("rejected", device, update_id, reason="update_digest", held=b"")
+        if update_digest((s.digest for s in ordered), federation=self.federation, device=device,
+                         round_id=self.layout.round_id, update_id=update_id, base_version=self.layout.model_version,
+                         base_digest=self.layout.base_digest) != op.update_digest:
+            return ShardOutcome("rejected", device, update_id, reason="update_digest", held=b"",
+                                field="update_digest")
         if self.verifier is not None and not self._signed(device, update_id, op):
             # Verified before the update is accepted: a forgery cannot block the device's genuine update.
-            return ShardOutcome("rejected", device, update_id, reason="signature", held=b"")
+            return ShardOutcome("rejected", device, update_id, reason="signature", held=b"", field="signature")
         try:
             if op.vector is not None:
                 vector = op.vector
                 for job in op.decoding:
-                    job.wait()
+                    job.result()
             else:
                 vector = np.empty(self.layout.num_params, dtype=np.float32)
                 # zstd and numpy copies release the GIL: half the shards decode on a second core.
-                split_map(lambda s: self._codec.decode_to(s.data, vector[s.offset:s.offset + s.length]), ordered)
+                decode = self._codec.decode_to
+                self.executor.split_map(lambda s: decode(s.data, vector[s.offset:s.offset + s.length]), ordered)
         except ProtocolError as err:
-            return ShardOutcome("rejected", device, update_id, reason=f"decode_{err.reason}", held=b"")
+            return ShardOutcome("rejected", device, update_id, reason=f"decode_{err.reason}", held=b"",
+                                field=err.field)
         self._accepted[device] = update_id
         # Other open updates of this device can never win now: drop them.
         for other in [k for k in self._open if k[0] == device]:

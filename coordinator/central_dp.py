@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 :func:`clip_by_norm` and :func:`gaussian_noise` are the pure parts; :class:`CentralDP`
-is a per-round strategy (the :class:`coordinator.aggregate.Strategy` protocol) that
+is a per-round strategy (the :class:`fedsync.coordinator.aggregate.Strategy` protocol) that
 clips every delta on ``add`` and adds noise once, in ``finish`` of a round that had
-updates. :class:`coordinator.strategies.PerRoundFactory` builds one per round, all
+updates. :class:`fedsync.coordinator.strategies.PerRoundFactory` builds one per round, all
 drawing from one seeded ``numpy.random.Generator``.
 
 That generator is the only state dp_fedavg carries across rounds, and crash recovery
@@ -27,7 +27,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.aggregate import FedAvg, StrategyState, check_delta, mean_delta
+from fedsync.coordinator.aggregate import FedAvg, StrategyState, check_delta, mean_delta
+from fedsync.executor import INLINE, Executor
 
 __all__ = ["CentralDP", "clip_by_norm", "gaussian_noise", "generator_state", "load_generator_state"]
 
@@ -156,9 +157,11 @@ class CentralDP:
         self.rng = rng
         self.noise_std: float | None = None  # sigma of the last finish, for logs
         self._mean = FedAvg(num_params, weighted=False)
+        self.executor: Executor = INLINE  # set by the core (aggregate.use_executor), used by the mean
 
     def add(self, delta: np.ndarray, num_samples: int) -> None:
         check_delta(delta, self.num_params)
+        self._mean.executor = self.executor
         self._mean.add(clip_by_norm(delta.astype(np.float64), self.clip_norm), 1)
 
     def finish(self, global_vector: np.ndarray) -> np.ndarray | None:

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 An edge site (a farm, a building) runs its own broker and coordinator for its
 local devices. Upstream it is a single device: :class:`EdgeTrainer` implements
-the device agent's :class:`~device_agent.trainer.Trainer` protocol, so the
-ordinary :class:`~device_agent.service.AgentHost` carries it — the same
+the device agent's :class:`~fedsync.device_agent.trainer.Trainer` protocol, so the
+ordinary :class:`~fedsync.device_agent.service.AgentHost` carries it — the same
 manifest, outbox, shards, receipts and last will as any phone.
 
 ``fit(params)`` hands the upstream model to the edge's coordinator core
@@ -24,9 +24,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.core import RoundClosed
-from coordinator.service import CoordinatorService
-from device_agent.trainer import EvalResult, FitResult
+from fedsync.coordinator.core import RoundClosed
+from fedsync.coordinator.service import CoordinatorService
+from fedsync.trainer_api import EvalResult, FitResult
 from fedsync.params import flatten, unflatten
 
 

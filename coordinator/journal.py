@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 ``state_dir`` holds two kinds of file:
 
-* ``checkpoint.cbor`` — the committed state (:class:`coordinator.core.Checkpoint`:
+* ``checkpoint.cbor`` — the committed state (:class:`fedsync.coordinator.core.Checkpoint`:
   model version and vector, next round id, recently accepted update ids,
   counters, and the aggregation strategy's state across rounds: FedAvgM's
-  velocity, FedAdam's moments, dp_fedavg's noise generator). Written to a
+  velocity, FedAdam's moments, dp_fedavg's noise generator; the update screen's
+  remembered norms). Written to a
   temporary file, fsync'd, then renamed over the old one (POSIX rename is
   atomic), so a crash leaves either the old or the new checkpoint, never half
   of one. The vector is raw little-endian float32 bytes; a strategy-state array
@@ -23,6 +24,10 @@ Theory of operation
   A crash in the middle of a record leaves a short tail, which ``load``
   ignores: that shard was never acknowledged, so the broker redelivers it.
 
+A third file, ``commits.log``, is append-only: one record per round opened and per
+checkpoint, with the update ids each round counted and every committed model
+(:mod:`fedsync.coordinator.commit_log`). It is for auditors, never read by recovery.
+
 Recovery is replay: restore the checkpoint, re-open the round from its
 manifest, feed every journalled shard through the core's ordinary
 ``on_message``. The assembler's dedup makes replay idempotent, so a shard
@@ -35,17 +40,18 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
 import numpy as np
 
-from coordinator.core import Checkpoint
+from fedsync.atomic import write_atomic
+from fedsync.coordinator import commit_log
+from fedsync.coordinator.core import Checkpoint
 from fedsync.messages import RoundManifest, decode, encode
+from fedsync.records import LENGTH, read_records
 
-_LEN = struct.Struct("<I")
 
 
 @dataclass(slots=True)
@@ -65,15 +71,27 @@ class Journal:
         self._log = None
         self._log_path: Path | None = None
         self.records_written = 0
+        self._logged_version: int | None = None  # model version of the last commits.log close record
 
     # -- writing -------------------------------------------------------------
 
+    def note_strategy(self, name: str, options: dict) -> None:
+        """Record the aggregation strategy in ``commits.log``, so an audit replays the same one."""
+        commit_log.append_strategy(self.dir, name, options)
+
     def write_checkpoint(self, ck: Checkpoint) -> None:
+        # The audit trail first: a crash between the two leaves a close record that the
+        # restarted coordinator's replay of the round repeats (commit_log: the last one wins).
+        commit_log.append_close(self.dir, ck.closed_through, ck.version, ck.vector,
+                                ck.recent.get(ck.closed_through, {}), ck.strategy_state,
+                                with_vector=ck.version != self._logged_version)
+        self._logged_version = ck.version
         body = {"version": ck.version, "vector": np.ascontiguousarray(ck.vector, "<f4").tobytes(),
                 "next_round_id": ck.next_round_id, "closed_through": ck.closed_through, "finished": ck.finished,
                 "recent": {int(r): d for r, d in ck.recent.items()}, "stats": ck.stats,
-                "strategy_state": {k: _encode_state_value(k, v) for k, v in ck.strategy_state.items()}}
-        _atomic_write(self.dir / "checkpoint.cbor", cbor2.dumps(body))
+                "strategy_state": {k: _encode_state_value(k, v) for k, v in ck.strategy_state.items()},
+                "screen_state": {k: _encode_state_value(k, v) for k, v in ck.screen_state.items()}}
+        write_atomic(self.dir / "checkpoint.cbor", cbor2.dumps(body))
         # Round logs at or before the checkpoint are settled: the checkpoint supersedes them.
         for path in self.dir.glob("round-*.log"):
             if path != self._log_path:
@@ -86,6 +104,7 @@ class Journal:
         if self._log.tell() == 0:
             self._append_record("manifest", encode(manifest))
             self.sync()
+            commit_log.append_open(self.dir, manifest)
 
     def append(self, topic: str, payload: bytes) -> None:
         if self._log is None:
@@ -108,7 +127,7 @@ class Journal:
         # The record is cbor2.dumps([topic, payload]) written without copying the payload into it:
         # a CBOR array head, the topic, a byte string head, then the payload as it is.
         head = b"\x82" + cbor2.dumps(topic) + _bytes_head(len(payload))
-        self._log.write(_LEN.pack(len(head) + len(payload)) + head)  # type: ignore[union-attr]
+        self._log.write(LENGTH.pack(len(head) + len(payload)) + head)  # type: ignore[union-attr]
         self._log.write(payload)  # type: ignore[union-attr]
         self.records_written += 1
 
@@ -122,23 +141,15 @@ class Journal:
             ck = Checkpoint(body["version"], np.frombuffer(body["vector"], "<f4").astype(np.float32),
                             body["next_round_id"], body["closed_through"], body["finished"],
                             {int(r): d for r, d in body["recent"].items()}, body["stats"],
-                            {k: _decode_state_value(k, v) for k, v in body.get("strategy_state", {}).items()})
+                            {k: _decode_state_value(k, v) for k, v in body.get("strategy_state", {}).items()},
+                            {k: _decode_state_value(k, v) for k, v in body.get("screen_state", {}).items()})
         logs = sorted(self.dir.glob("round-*.log"), key=lambda p: int(p.stem.split("-")[1]))
         if not logs:
             return Recovered(ck)
         data = logs[-1].read_bytes()
         rec = Recovered(ck)
-        pos = 0
-        while pos < len(data):
-            if pos + 4 > len(data):
-                rec.torn_tail = True
-                break
-            (n,) = _LEN.unpack_from(data, pos)
-            if pos + 4 + n > len(data):
-                rec.torn_tail = True
-                break
-            topic, payload = cbor2.loads(data[pos + 4:pos + 4 + n])
-            pos += 4 + n
+        bodies, rec.torn_tail = read_records(data)
+        for topic, payload in bodies:
             if topic == "manifest":
                 rec.manifest = decode(payload, RoundManifest)
             else:
@@ -180,17 +191,3 @@ def _bytes_head(n: int) -> bytes:
         if n < 1 << (8 * size):
             return bytes([0x40 | info]) + n.to_bytes(size, "big")
     raise ValueError(f"byte string of {n} bytes")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-:func:`serve_metrics` attaches to a :class:`coordinator.service.CoordinatorService`
+:func:`serve_metrics` attaches to a :class:`fedsync.coordinator.service.CoordinatorService`
 from the outside, in two ways:
 
 * a custom collector, registered on its own ``CollectorRegistry`` (never the
@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coordinator.core import RoundClosed
+from fedsync.coordinator.core import RoundClosed
 from fedsync.errors import OperatorError
 from fedsync.log import log_event
 
@@ -98,6 +98,8 @@ class CoordinatorCollector(Collector):
         yield traffic
         yield CounterMetricFamily("fedsync_devices_offline_detected", "Online -> offline transitions "
                                   "(last wills and clean exits).", value=s.devices_offline_detected)
+        yield CounterMetricFamily("fedsync_receipts_suppressed", "Rejected receipts about bad input not sent: "
+                                  "at most one per device per second.", value=s.receipts_suppressed)
 
         yield GaugeMetricFamily("fedsync_devices_online", "Devices whose retained status is online.", value=online)
         yield GaugeMetricFamily("fedsync_model_version", "Version of the current global model.", value=core.version)
@@ -114,10 +116,36 @@ class CoordinatorCollector(Collector):
         if link is not None:
             yield GaugeMetricFamily("fedsync_broker_connected", "1 while the coordinator's MQTT session is up.",
                                     value=int(link.connected.is_set()))
+        yield from _broker_families(self._service)
         info = GaugeMetricFamily("fedsync_coordinator_info", "Constant 1, labelled with this coordinator's identity.",
                                  labels=["federation", "incarnation"])
         info.add_metric([self._federation, str(core.incarnation)], 1)
         yield info
+
+
+def _broker_families(service: Any) -> Iterator[Metric]:
+    """The service's own view of the broker (coordinator/broker_watch.py), if it has one."""
+    watch = getattr(service, "watch", None)
+    if watch is None:
+        return
+    b = watch.stats
+    yield CounterMetricFamily("fedsync_retained_audits", "Audits of the broker's retained manifest and model "
+                              "(one after every connection).", value=b.retained_audits)
+    yield CounterMetricFamily("fedsync_retained_republished", "Retained manifest, model or delta shards the "
+                              "broker lacked or held with other bytes, republished.", value=b.retained_republished)
+    yield CounterMetricFamily("fedsync_retained_cleared", "Retained model or delta shards deleted that the "
+                              "coordinator no longer publishes (an old version, a stale delta).",
+                              value=b.retained_cleared)
+    yield CounterMetricFamily("fedsync_retained_uploads_cleared", "Update messages a device published retained: "
+                              "ignored and deleted from the broker.", value=b.retained_uploads_cleared)
+    yield CounterMetricFamily("fedsync_shard_gaps", "Update shards found missing when a later shard of the same "
+                              "update arrived (dropped between device and coordinator, e.g. by the broker's "
+                              "queue limits).", value=watch.gaps.gaps)
+    yield CounterMetricFamily("fedsync_shard_gaps_filled", "Of fedsync_shard_gaps, shards that arrived later "
+                              "(the device re-sent them after a partial receipt).", value=watch.gaps.filled)
+    yield CounterMetricFamily("fedsync_device_floods", "(device, round) pairs in which a device sent more than "
+                              "4 x its update's shards + 16 messages (logged as device_flooding).",
+                              value=b.flooding_reports)
 
 
 class MetricsServer:

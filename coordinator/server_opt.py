@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A server optimiser treats a round's FedAvg mean delta as a pseudo-gradient and takes one
 step with it when the round commits. Unlike the per-round strategies of
-:mod:`coordinator.strategies`, one object serves the whole federation, because its state
+:mod:`fedsync.coordinator.strategies`, one object serves the whole federation, because its state
 (FedAvgM's velocity, FedAdam's moments) must outlive every round. Its
 :meth:`ServerOptimizer.factory` is the core's ``strategy_factory``.
 
@@ -28,7 +28,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.aggregate import FedAvg, Strategy, StrategyState, check_delta, mean_delta
+from fedsync.coordinator.aggregate import FedAvg, Strategy, StrategyState, check_delta, mean_delta
+from fedsync.executor import INLINE, Executor
 
 __all__ = ["FedAdam", "FedAvgM", "OptimizerRounds", "ServerOptimizer"]
 
@@ -39,7 +40,7 @@ class ServerOptimizer:
     The object outlives rounds because its state does; subclasses define ``_step`` and
     ``_initial_state``. Give the core ``strategy_factory=opt.factory()``. Each call (one
     per round opened) starts a fresh round accumulator (a
-    :class:`~coordinator.aggregate.FedAvg`), throwing away any left by an abandoned round,
+    :class:`~fedsync.coordinator.aggregate.FedAvg`), throwing away any left by an abandoned round,
     and returns the optimiser itself as that round's strategy: one round at a time, as the
     core runs them. ``finish`` returns ``None`` when no update was added: keep the previous
     model; the state is then unchanged. ``state()`` / ``load_state()`` carry the state
@@ -60,11 +61,12 @@ class ServerOptimizer:
         self.weighted = weighted
         self.steps = 0  # rounds applied so far
         self._round: FedAvg | None = None
+        self.executor: Executor = INLINE  # set by the core (aggregate.use_executor), used by the round's FedAvg
         for name, value in self._initial_state().items():
             setattr(self, name, value)
 
     def factory(self) -> OptimizerRounds:
-        """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore`."""
+        """The ``strategy_factory`` for :class:`fedsync.coordinator.core.CoordinatorCore`."""
         return OptimizerRounds(self)
 
     def state(self) -> StrategyState:
@@ -112,6 +114,7 @@ class ServerOptimizer:
         check_delta(delta, self.num_params)
         if self._round is None:
             self._round = FedAvg(self.num_params, weighted=self.weighted)
+        self._round.executor = self.executor
         self._round.add(delta, num_samples)
 
     def finish(self, global_vector: np.ndarray) -> np.ndarray | None:

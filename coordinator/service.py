@@ -15,7 +15,11 @@ in this order:
 
 On the first connection the service recovers from its journal (if it has a
 ``state_dir``); on a reconnect to a broker that lost our session (restart
-without persistence, or amqtt) it republishes its retained state.
+without persistence, or amqtt) it republishes its retained state. After every
+connection, whatever ``session_present`` said, it also audits what the broker
+retains against what it published and repairs the difference, deletes updates
+devices published retained, and counts shards lost on the way
+(coordinator/broker_watch.py, fed the messages the core never sees).
 
 One coordinator per federation. Every connection starts behind an ownership
 gate: nothing is fed to the core, acknowledged or published until the service
@@ -31,6 +35,12 @@ the broker told DISCONNECT and never reconnect. No kick within
 fired) and we go on. Seen on a reconnect while running, another incarnation
 means we were taken over: stand down the same way, publishing nothing.
 
+Parallel work: the service hands its core the helper thread of
+:mod:`fedsync.transport.parallel` (``executor``, ``HELPER_THREAD`` unless told otherwise),
+so the core's assemblers and strategies decode and fold half their work on a second core,
+and it decodes and hashes each batch's shards through the same executor. The core itself
+starts no thread: built without a service it runs everything inline.
+
 Supervision: an exception escaping the loop is logged with its traceback, the
 socket is dropped without DISCONNECT (so the broker fires the last will), and
 ``done`` is set with ``failed`` holding the error; the CLI exits non-zero.
@@ -42,19 +52,23 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable
 
-from coordinator.core import (Checkpoint, CoordinatorCore, DeviceOffline, JournalShard, RejectedInput, RoundClosed,
-                              RoundOpened, check_shard)
-from coordinator.journal import Journal
-from fedsync.actions import Publish
+from fedsync.coordinator.core import (Checkpoint, CoordinatorCore, DeviceOffline, JournalShard, RejectedInput, RoundClosed,
+                              RoundOpened, WaitingForDevices, check_shard)
+from fedsync.coordinator.broker_watch import BrokerWatch, WatchNote
+from fedsync.coordinator.journal import Journal
+from fedsync.actions import Publish, Subscribe, Unsubscribe
 from fedsync.errors import ProtocolError
+from fedsync.executor import Executor
 from fedsync.log import log_event
 from fedsync.messages import PeerStatus, decode, encode
-from fedsync.mqtt import Credentials, MqttLink
-from fedsync.parallel import split_map
+from fedsync.address import Credentials
+from fedsync.transport import paho_fast
+from fedsync.transport.mqtt import MqttLink
+from fedsync.transport.parallel import HELPER_THREAD
 
 log = logging.getLogger("fedsync.coordinator")
 
@@ -88,14 +102,18 @@ class CoordinatorService:
     ``on_event`` receives every reported event (``RoundClosed``,
     ``RejectedInput``, ``DeviceOffline``) on the service thread.
     ``state_dir`` turns on the journal: durable shards before acks,
-    checkpoints at every round close, recovery on start.
+    checkpoints at every round close, recovery on start. ``executor``: where the
+    core's parallel work runs (the helper thread; the core is given it here).
     """
 
     def __init__(self, core: CoordinatorCore, broker: str, *, credentials: Credentials = Credentials(),
                  client_id: str = "coordinator", keepalive: int = 15, tick_interval: float = 0.1,
                  on_event: EventHandler | None = None, state_dir: str | None = None,
-                 clock: Callable[[], float] = time.time, takeover: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, takeover: bool = False,
+                 executor: Executor = HELPER_THREAD) -> None:
         self.core = core
+        self.executor = executor
+        core.use_executor(executor)
         self.clock = clock
         self.tick_interval = tick_interval
         self.on_event = on_event
@@ -106,9 +124,13 @@ class CoordinatorService:
         self._thread: threading.Thread | None = None
         t = core.topics
         will = (t.coordinator_status, encode(PeerStatus("coordinator", "offline", core.incarnation)), 1, True)
+        # one payload copy per received PUBLISH instead of three (fedsync/transport/paho_fast.py)
+        paho_fast.install()
         self.link = MqttLink(client_id, broker, on_message=self._enqueue, on_connect=self._connected,
                              will=will, credentials=credentials, keepalive=keepalive, manual_ack=True,
-                             on_disconnect=lambda: self._inbox.put(("disconnect",)))
+                             on_disconnect=lambda: self._inbox.put(("disconnect",)),
+                             on_retained=lambda topic, payload, token: self._inbox.put(("retained", topic, payload,
+                                                                                      token)))
         self.link.subscribe(t.coordinator_status, 1)  # first: its retained message comes before the probe's echo
         self.link.subscribe(t.coordinator_probe, 1)
         self.link.subscribe(t.up_filter, 2)  # granted QoS caps delivery: 2 keeps the sender's QoS 1 or 2
@@ -119,6 +141,8 @@ class CoordinatorService:
         self.done = threading.Event()  # the loop has ended: stopped, failed or stood down
         self.failed: BaseException | None = None  # an internal error that ended the loop
         self.conflict: str | None = None  # why this coordinator stood down for another one
+        self.watch = BrokerWatch(t, core.incarnation)  # the broker's retained store and queue
+        self.broker_stats = self.watch.stats
 
     def _enqueue(self, topic: str, payload: bytes, token) -> None:
         self._inbox.put(("msg", topic, payload, token))
@@ -174,6 +198,8 @@ class CoordinatorService:
             except queue.Empty:
                 pass
             self._process(batch)
+            if self._gate is None:
+                self._execute(self.watch.poll(self.link.published_ok, self.clock()), [])
             if self._gate is not None:
                 held = self._check_gate(self.clock())
                 if held:
@@ -189,7 +215,9 @@ class CoordinatorService:
         tokens = []
         # Decode and hash the batch's update shards first, half of them on a second core.
         ups = [i for i, item in enumerate(batch) if item[0] == "msg" and item[1].startswith(self._up_prefix)]
-        checks = dict(zip(ups, split_map(check_shard, [batch[i][2] for i in ups]))) if self._gate is None else {}
+        checks = {}
+        if self._gate is None:
+            checks = dict(zip(ups, self.executor.split_map(check_shard, [batch[i][2] for i in ups])))
         t = self.core.topics
         for i, item in enumerate(batch):
             now = self.clock()
@@ -206,7 +234,12 @@ class CoordinatorService:
                 self._on_ownership_message(item[1], item[2], now)
             elif self._gate is not None:
                 self._gate.held.append(item)
+            elif (aside := self._set_aside(kind, item[1], item[2])) is not None:
+                actions += aside  # an audit's reading, a parked upload, the echo of its deletion
+                tokens.append(item[3])
             else:
+                if i in checks:
+                    self.watch.upload(item[1], checks[i])
                 actions += self.core.on_message(item[1], item[2], now, checks.get(i))
                 tokens.append(item[3])
             if self._stop.is_set():
@@ -219,6 +252,12 @@ class CoordinatorService:
                     return self._process(held + batch[i + 1:])
         self._execute(actions, tokens)
 
+    def _set_aside(self, kind: str, topic: str, payload: bytes) -> list | None:
+        """The actions for a message that is not the core's (coordinator/broker_watch.py), else None."""
+        if kind == "retained":
+            return self.watch.retained(topic, payload)
+        return [] if self.watch.live(topic, payload) else None
+
     # -- ownership (one coordinator per federation) --------------------------------------
 
     def _on_ownership_message(self, topic: str, payload: bytes, now: float) -> None:
@@ -226,6 +265,8 @@ class CoordinatorService:
         if topic == self.core.topics.coordinator_probe:
             if g is not None and payload == str(self.core.incarnation).encode():
                 g.probe_back = True
+            elif g is None and (audit := self.watch.probe_back(payload)) is not None:
+                self._execute(audit, [])
             return
         try:
             status = decode(payload, PeerStatus) if payload else None
@@ -262,10 +303,12 @@ class CoordinatorService:
             log_event(log, "taking_over", logging.WARNING, other=describe_incarnation(g.status))
         self._gate = None
         self._execute(self._on_connect(g.session_present, now), [])
+        self.watch.connected(self.link.published, now)  # audit once these are acknowledged
         return g.held
 
     def _on_disconnect(self) -> None:
         self.core.link_lost(self.clock())
+        self.watch.disconnected()
         g = self._gate
         if g is not None and g.rival_until is not None:
             # The rival took its session back: it is alive. Never reconnect to fight it.
@@ -300,8 +343,15 @@ class CoordinatorService:
             self.core.restore(rec.checkpoint)
         actions: list = []
         if rec.manifest is not None:
-            self.core.resume_round(rec.manifest, now)
-            self.journal.open_round(rec.manifest)
+            manifest = rec.manifest
+            if manifest.delta_from >= 0:
+                # The delta into this version is not in the checkpoint, so this process publishes
+                # the model whole: a crash between the checkpoint and the delta's publish must not
+                # leave the manifest sending devices to a delta that never comes (the audit
+                # clears one that did go out).
+                manifest = replace(manifest, delta_from=-1)
+            self.core.resume_round(manifest, now)
+            self.journal.open_round(manifest)  # an existing round journal keeps its first manifest
             for topic, payload in rec.shards:
                 # Replay through the ordinary path: dedup makes it idempotent. Already durable.
                 actions += [a for a in self.core.on_message(topic, payload, now) if not isinstance(a, JournalShard)]
@@ -339,6 +389,13 @@ class CoordinatorService:
                 if a.topic.startswith(ack_prefix) and last_ack[a.topic] != i:
                     continue
                 self.link.publish(a.topic, a.payload, a.qos, a.retain)
+                self.watch.published(a)
+            elif isinstance(a, Subscribe):
+                self.link.subscribe(a.topic_filter, a.qos)
+            elif isinstance(a, Unsubscribe):
+                self.link.unsubscribe(a.topic_filter)
+            elif isinstance(a, WatchNote):
+                log_event(log, a.event, a.level, **a.fields)
             elif not isinstance(a, (Checkpoint, RoundOpened, JournalShard)):
                 self._report(a)
 
@@ -347,11 +404,14 @@ class CoordinatorService:
             log_event(log, f"round_{event.outcome}", round=event.round_id, version=event.model_version,
                       accepted=len(event.accepted), selected=len(event.selected), reason=event.reason,
                       seconds=event.closed_at - event.started_at)
+            self._execute(self.watch.round_closed(event.round_id, self.clock()), [])
         elif isinstance(event, RejectedInput):
             log_event(log, "input_rejected", logging.WARNING, topic=event.topic, field=event.field,
                       reason=event.reason, detail=event.detail)
         elif isinstance(event, DeviceOffline):
             log_event(log, "device_offline", device=event.device)
+        elif isinstance(event, WaitingForDevices):
+            log_event(log, "waiting_for_devices", online=event.online, needed=event.needed)
         if self.on_event is not None:
             try:
                 self.on_event(event)

@@ -5,25 +5,26 @@ Theory of operation
 The maths are small pure numpy functions (:func:`coordinate_median`,
 :func:`trimmed_mean`, :func:`krum_scores`, :func:`multi_krum`, :func:`clip_by_norm`,
 :func:`gaussian_noise`). The classes only decide *what* to feed them, and all speak
-the streaming :class:`coordinator.aggregate.Strategy` protocol: ``add(delta,
+the streaming :class:`fedsync.coordinator.aggregate.Strategy` protocol: ``add(delta,
 num_samples)`` once per verified update (delta = local minus global, float32) and
 ``finish(global_vector)`` when the round commits, returning the new float32 global
 vector or ``None``: keep the previous model (the core then abandons the round).
 
 Two families, and a registry:
 
-* Streaming means, O(model) memory: :class:`~coordinator.aggregate.FedAvg`,
-  :class:`CentralDP` (:mod:`coordinator.central_dp`), and the server optimisers
-  :class:`FedAvgM` and :class:`FedAdam` (:mod:`coordinator.server_opt`), whose state
+* Streaming means, O(model) memory: :class:`~fedsync.coordinator.aggregate.FedAvg`,
+  :class:`CentralDP` (:mod:`fedsync.coordinator.central_dp`), and the server optimisers
+  :class:`FedAvgM` and :class:`FedAdam` (:mod:`fedsync.coordinator.server_opt`), whose state
   (momentum, moments) must outlive a round. Both modules are re-exported here.
 * Rules that need every update at once (:class:`Median`, :class:`TrimmedMean`,
-  :class:`Krum`). Updates are spooled to a K x P float32 ``numpy.memmap`` in a temp
-  directory (:class:`UpdateSpool`) and read back in column blocks, so RAM stays at
-  O(block), not O(devices x model) (DESIGN.md: stacking K updates costs K x model
-  memory). They ignore ``num_samples``: a device reports its own sample count, and
+  :class:`Krum`). Updates go to a K x P float32 spool made by the ``spool=`` factory:
+  :class:`MemorySpool` by default; the coordinator's config passes the disk spool of
+  :mod:`fedsync.coordinator.spool` (a ``numpy.memmap`` in a temp directory, read back in
+  column blocks), so RAM stays at O(block), not O(devices x model) (stacking K updates
+  would cost K x model memory). They ignore ``num_samples``: a device reports its own sample count, and
   weighting by it would let one Byzantine device claim a billion samples.
 * :func:`make_strategy_factory` turns a configured name and options into the
-  ``strategy_factory`` that :class:`coordinator.core.CoordinatorCore` takes.
+  ``strategy_factory`` that :class:`fedsync.coordinator.core.CoordinatorCore` takes.
 
 How the core drives them: when a round opens it calls ``strategy_factory(num_params)``.
 It calls ``add`` for each accepted update, and ``finish`` only if the round commits.
@@ -32,11 +33,11 @@ An abandoned round's strategy is dropped without ``finish``. Its spool file goes
 call to the factory throws the half-filled round away.
 
 State across rounds, and crash recovery: every factory :func:`make_strategy_factory`
-returns has ``state()`` and ``load_state()`` (:class:`coordinator.aggregate.StatefulFactory`),
+returns has ``state()`` and ``load_state()`` (:class:`fedsync.coordinator.aggregate.StatefulFactory`),
 and the core's checkpoint carries that state. Three strategies have any: FedAvgM
 (``velocity``) and FedAdam (``m``, ``v``), each with its step count, and dp_fedavg, whose
 one noise generator serves all its rounds (its state, flattened; see
-:mod:`coordinator.central_dp`). Median, trimmed mean and Krum start from nothing every
+:mod:`fedsync.coordinator.central_dp`). Median, trimmed mean and Krum start from nothing every
 round: their state is ``{}``.
 """
 
@@ -44,27 +45,25 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
-import tempfile
-import weakref
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 
-from coordinator.aggregate import FedAvg, Strategy, StrategyState, check_delta
-from coordinator.central_dp import CentralDP, clip_by_norm, gaussian_noise, generator_state, load_generator_state
-from coordinator.server_opt import FedAdam, FedAvgM, OptimizerRounds, ServerOptimizer
+from fedsync.coordinator.aggregate import FedAvg, Strategy, StrategyState, check_delta
+from fedsync.coordinator.central_dp import CentralDP, clip_by_norm, gaussian_noise, generator_state, load_generator_state
+from fedsync.coordinator.server_opt import FedAdam, FedAvgM, OptimizerRounds, ServerOptimizer
 
 __all__ = [
     "STRATEGY_NAMES", "CentralDP", "FedAdam", "FedAvgM", "Krum", "Median", "OptimizerRounds", "PerRoundFactory",
-    "ServerOptimizer", "TrimmedMean", "UpdateSpool", "clip_by_norm", "coordinate_median", "gaussian_noise",
+    "ServerOptimizer", "TrimmedMean", "MemorySpool", "clip_by_norm", "coordinate_median", "gaussian_noise",
     "generator_state", "krum_scores", "load_generator_state", "make_strategy_factory", "multi_krum", "trimmed_mean",
 ]
 
 # Values read back from a spool at once (K rows x this/K columns, 32 MiB as float64):
 # the RAM a robust rule needs, whatever the number of devices.
 DEFAULT_BLOCK_VALUES = 1 << 22
+# num_params -> an empty spool (append, rows, close, count, path): MemorySpool or a disk spool
+SpoolFactory = Callable[[int], "MemorySpool"]
 
 
 # -- pure aggregation functions ---------------------------------------------------
@@ -186,81 +185,47 @@ def multi_krum(updates: np.ndarray, num_byzantine: int, m: int, *,
     return _mean_of_rows(updates, _lowest(scores, m))
 
 
-# -- the update spool -------------------------------------------------------------
+# -- the in-memory update spool -------------------------------------------------------
 
 
-class UpdateSpool:
-    """A growable K x P float32 matrix of updates in a ``numpy.memmap`` on disk.
+class MemorySpool:
+    """A growable K x P float32 matrix of updates in RAM: the default spool.
 
-    The file (``<tempdir>/fedsync-spool-*/updates.f32``) is created on the first
-    ``append`` and grows ``chunk_rows`` rows at a time. Growing extends the file and
-    maps it again: rows already written stay where they are (row-major layout).
-    ``close`` deletes the directory; so does garbage collection of the spool, for a
-    round that is dropped without ``close``. ``dir`` picks the parent directory
-    (default: the system temp dir); pick a disk with room for K x P x 4 bytes.
+    The same interface as the disk spool (:class:`fedsync.coordinator.spool.UpdateSpool`),
+    which the coordinator service passes (``spool=`` factory) so that K x P need not fit in
+    RAM; the core itself opens no files.
 
-    >>> spool = UpdateSpool(3, chunk_rows=2)
+    >>> spool = MemorySpool(3, chunk_rows=2)
     >>> for k in range(3):
     ...     spool.append(np.full(3, k, np.float32))
-    >>> path = spool.path
-    >>> spool.rows()[:, 0].tolist(), path.stat().st_size  # 2 chunks of 2 rows x 3 x 4 bytes
-    ([0.0, 1.0, 2.0], 48)
-    >>> spool.close(); path.exists(), spool.count
-    (False, 0)
+    >>> spool.rows()[:, 0].tolist(), spool.path
+    ([0.0, 1.0, 2.0], None)
     """
 
-    def __init__(self, num_params: int, *, chunk_rows: int = 16, dir: str | Path | None = None) -> None:
+    path = None
+
+    def __init__(self, num_params: int, *, chunk_rows: int = 16) -> None:
         if num_params < 1 or chunk_rows < 1:
             raise ValueError(f"num_params and chunk_rows must be >= 1, got {num_params}, {chunk_rows}")
         self.num_params = num_params
         self.chunk_rows = chunk_rows
-        self.dir = dir
         self.count = 0
-        self._capacity = 0
-        self._map: np.memmap | None = None
-        self._path: Path | None = None
-        self._cleanup: weakref.finalize | None = None
-
-    @property
-    def path(self) -> Path | None:
-        """The spool file, or ``None`` while nothing is spooled."""
-        return self._path
+        self._rows = np.empty((0, num_params), dtype=np.float32)
 
     def append(self, delta: np.ndarray) -> None:
-        """Store one update as the next row (cast to float32)."""
         check_delta(delta, self.num_params)
-        if self._path is None:
-            directory = tempfile.mkdtemp(prefix="fedsync-spool-", dir=self.dir)
-            self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
-            self._path = Path(directory) / "updates.f32"
-            self._path.touch()
-        if self.count == self._capacity:
-            self._grow()
-        assert self._map is not None
-        self._map[self.count] = delta
+        if self.count == len(self._rows):
+            grown = np.empty((len(self._rows) + self.chunk_rows, self.num_params), dtype=np.float32)
+            grown[:self.count] = self._rows[:self.count]
+            self._rows = grown
+        self._rows[self.count] = delta
         self.count += 1
 
-    def _grow(self) -> None:
-        assert self._path is not None
-        self._map = None  # unmap before remapping at the new size
-        self._capacity += self.chunk_rows
-        with open(self._path, "r+b") as f:
-            f.truncate(self._capacity * self.num_params * 4)  # sparse: no zeros written
-        shape = (self._capacity, self.num_params)
-        self._map = np.memmap(self._path, dtype=np.float32, mode="r+", shape=shape)
-
     def rows(self) -> np.ndarray:
-        """The (count, P) spooled updates: a view of the memmap, valid until ``close``."""
-        if self._map is None:
-            return np.empty((0, self.num_params), dtype=np.float32)
-        return self._map[:self.count]
+        return self._rows[:self.count]
 
     def close(self) -> None:
-        """Delete the file; the spool is empty again (a later ``append`` starts a new file)."""
-        self._map = None
-        if self._cleanup is not None:
-            self._cleanup()
-        self._cleanup, self._path, self.count, self._capacity = None, None, 0, 0
+        self._rows, self.count = np.empty((0, self.num_params), dtype=np.float32), 0
 
 
 def _by_column_blocks(rows: np.ndarray, block_values: int,
@@ -277,8 +242,8 @@ def _by_column_blocks(rows: np.ndarray, block_values: int,
 class _SpooledRule:
     """Shared by the rules that need all K updates: spool on ``add``, aggregate on ``finish``."""
 
-    def __init__(self, num_params: int, *, clip_norm: float | None = None, spool_dir: str | None = None,
-                 chunk_rows: int = 16, block_values: int = DEFAULT_BLOCK_VALUES) -> None:
+    def __init__(self, num_params: int, *, clip_norm: float | None = None, spool: SpoolFactory = MemorySpool,
+                 block_values: int = DEFAULT_BLOCK_VALUES) -> None:
         if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
             raise ValueError(f"clip_norm must be finite and > 0 (or None), got {clip_norm}")
         if block_values < 1:
@@ -286,7 +251,7 @@ class _SpooledRule:
         self.num_params = num_params
         self.clip_norm = clip_norm
         self.block_values = block_values
-        self.spool = UpdateSpool(num_params, chunk_rows=chunk_rows, dir=spool_dir)
+        self.spool = spool(num_params)
 
     @property
     def count(self) -> int:
@@ -319,8 +284,8 @@ class Median(_SpooledRule):
     """Coordinate-wise median of the round's deltas: global += median(d_1..d_K).
 
     Options (keyword): ``clip_norm`` (None: no clipping; else each delta is clipped
-    to this L2 norm on ``add``), ``spool_dir`` (parent of the temp spool directory),
-    ``chunk_rows`` (spool growth step, 16), ``block_values`` (values read back at once).
+    to this L2 norm on ``add``), ``spool`` (the spool factory: :class:`MemorySpool`, or
+    :func:`fedsync.coordinator.spool.disk_spool`), ``block_values`` (values read back at once).
     ``num_samples`` is ignored. ``finish`` returns ``None`` when no update was added:
     keep the previous model. A strategy serves one round; ``finish`` deletes its spool.
 
@@ -462,7 +427,7 @@ def _build(name: str, cls: type, num_params: int, options: dict):
 
 def make_strategy_factory(name: str, num_params: int, options: dict,
                           rng: np.random.Generator | None = None) -> PerRoundFactory | OptimizerRounds:
-    """The ``strategy_factory`` for :class:`coordinator.core.CoordinatorCore` by name.
+    """The ``strategy_factory`` for :class:`fedsync.coordinator.core.CoordinatorCore` by name.
 
     ======================  =====================  ==========================================
     name                    class                  options (default)
@@ -473,7 +438,7 @@ def make_strategy_factory(name: str, num_params: int, options: dict,
                                                    weighted (True)
     fedadam                 FedAdam (long-lived)   server_lr (0.01), beta1 (0.9), beta2 (0.99),
                                                    tau (1e-3), weighted (True)
-    median                  Median                 clip_norm (None), spool_dir, chunk_rows,
+    median                  Median                 clip_norm (None), spool (MemorySpool),
                                                    block_values
     trimmed_mean            TrimmedMean            trim_fraction (0.2), as median
     krum                    Krum                   num_byzantine (1), multi (1), as median

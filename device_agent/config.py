@@ -12,22 +12,22 @@ Example file::
 
     [agent]
     device_id = "pi-kitchen"
+
+    [trainer]                                  # optional: your own model (see AgentConfig.trainer)
+    factory = "mytrainer:make_trainer"
+    data_dir = "/var/lib/fedsync/data"         # any other key goes to the factory
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedsync.config import BROKER_FIELDS, BROKER_FILES, BrokerSection, Checks, above, at_least, one_of
+from fedsync.config import (BROKER_FIELDS, BROKER_FILES, BrokerSection, Checks, FederationSection, above, at_least,
+                            one_of)
 from fedsync.log import LOG_LEVELS
 from fedsync.signing import SCHEMES
-
-
-@dataclass(frozen=True, slots=True)
-class FederationSection:
-    name: str = "demo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +40,13 @@ class AgentSection:
     signing_key_file: str | None = None  # this device's key (signing/devices/{id}.key); None = unsigned
     signing_scheme: str = "hmac-sha256"  # or "ed25519" (needs the cryptography package)
     log_level: str = "info"
+    ledger_dir: str | None = None  # the device's own ledger of what it sent (device_agent/ledger.py); None = none
 
 
 @dataclass(frozen=True, slots=True)
 class DataSection:
-    """Built-in data: the FedProx Synthetic(alpha, beta) federation.
+    """Built-in data: the FedProx Synthetic(alpha, beta) federation (unused with a [trainer] factory)."""
 
-    A real deployment plugs its own :class:`device_agent.trainer.Trainer`
-    in through the Python API instead.
-    """
-
-    source: str = "synthetic"
     alpha: float = 1.0
     beta: float = 1.0
     num_devices: int = 30
@@ -66,6 +62,12 @@ class AgentConfig:
     federation: FederationSection = FederationSection()
     agent: AgentSection = AgentSection()
     data: DataSection = DataSection()
+    # [trainer]: your own model and data instead of [data]. ``factory = "pkg.module:make_trainer"``
+    # (or --trainer) names a function called as factory(device_id, section), where section is this
+    # whole table (any TOML values: paths, numbers, flags), returning a Trainer
+    # (fedsync/trainer_api.py). The module is looked up in the config file's folder, then the
+    # current one. Empty (the default): the built-in numpy trainer on the Synthetic [data].
+    trainer: dict[str, object] = field(default_factory=dict)
 
     checks: ClassVar[Checks]
 
@@ -82,7 +84,6 @@ AgentConfig.checks = Checks(fields={
     "agent.train_delay": at_least(0),
     "agent.signing_scheme": one_of(SCHEMES),
     "agent.log_level": one_of(LOG_LEVELS),
-    "data.source": one_of(("synthetic",)),
     "data.num_devices": at_least(1),
     "data.index": at_least(0),
     "data.model": one_of(("softmax", "mlp")),

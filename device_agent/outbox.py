@@ -2,9 +2,9 @@
 
 One file per device, ``{state_dir}/outbox.cbor``, holding the last finished
 update exactly as it goes on the wire (topics and encoded shard payloads).
-It is written atomically — temporary file, fsync, rename, fsync of the
-directory — before the first shard is published, and removed once the
-coordinator's receipt says the update needs no more sending. After a restart
+It is written atomically (:func:`fedsync.atomic.write_atomic`: temporary file,
+fsync, rename, fsync of the directory) before the first shard is published, and
+removed once the coordinator's receipt says the update needs no more sending. After a restart
 the agent loads it and, if the round is still open, re-sends only what the
 coordinator's retained receipt says it lacks.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import cbor2
 
-from device_agent.agent import OutboxRecord
+from fedsync.atomic import write_atomic
+from fedsync.device_agent.agent import OutboxRecord
 
 
 class Outbox:
@@ -30,17 +31,7 @@ class Outbox:
         self._round = record.round_id
         body = {"round_id": record.round_id, "update_id": record.update_id, "qos": record.qos,
                 "topics": list(record.topics), "payloads": list(record.payloads), "retries": record.retries}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(cbor2.dumps(body))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, cbor2.dumps(body))
 
     def load(self) -> OutboxRecord | None:
         """The persisted update, or None. A corrupt file is set aside, not trusted."""

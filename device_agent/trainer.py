@@ -10,7 +10,7 @@ whose ``num_samples`` is the device's weight in FedAvg. Trainers do no I/O and
 read no clock, so a round is reproducible from (params, hyper, seed).
 
 :class:`NumpyTrainer` is the built-in implementation: minibatch SGD on one of the
-models in :mod:`device_agent.models`, with FedProx's proximal term.
+models in :mod:`fedsync.models`, with FedProx's proximal term.
 
 :func:`fedavg_simulation` and :func:`centralised_baseline` run the same SGD
 in memory, without MQTT: they are the references that tests and the demo
@@ -20,13 +20,12 @@ summary compare a real federation against.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from device_agent.data import DeviceData, union
-from device_agent.models import Model, Params, softmax_cross_entropy
+from fedsync.synthetic import DeviceData, union
+from fedsync.models import Model, Params, softmax_cross_entropy
+from fedsync.trainer_api import DEFAULT_HYPER, EvalResult, FitResult, Trainer
 
 __all__ = [
     "DEFAULT_HYPER",
@@ -38,103 +37,7 @@ __all__ = [
     "fedavg_simulation",
 ]
 
-# Tuned for SoftmaxRegression on synthetic_federation(1, 1, num_devices=10), 20 rounds
-# of FedAvg over all devices. A batch of 10000 is, for every device there, the whole
-# training split, so a round is one full-batch step per device (FedSGD): on this
-# strongly label-skewed data every extra local step added client drift and lowered
-# the round-20 accuracy (sweep over lr 0.003-1, epochs 1-30, batch 1-full). Even so
-# this falls 2.4-3.7 points short of a converged centralised model; see
-# centralised_baseline and tests/test_trainers.py for the measured numbers.
-# A round costs ~10 gradient evaluations on a few thousand rows: milliseconds.
-# mu = 0 is plain FedAvg; FedProx sets mu > 0.
 LOSS_CHUNK = 64  # rows per forward pass when reporting train_loss
-
-DEFAULT_HYPER: dict[str, float] = {
-    "lr": 0.3,
-    "epochs": 1.0,
-    "batch_size": 10000.0,
-    "mu": 0.0,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class FitResult:
-    """What one device's local training produced.
-
-    ``params`` are the trained parameters (float32, same names and shapes as the
-    global ones); ``num_samples`` is the number of training examples, used as the
-    FedAvg weight; ``metrics`` are free-form numbers reported to the coordinator.
-    """
-
-    params: dict[str, np.ndarray]
-    num_samples: int
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True, slots=True)
-class EvalResult:
-    """A model scored on a device's held-out data: mean loss and accuracy in [0, 1]."""
-
-    loss: float
-    accuracy: float
-    num_samples: int
-
-
-class Trainer(Protocol):
-    """What a device agent calls to train and score a model on local data.
-
-    Implement these two methods on your own data and pass the object to the agent.
-    Neither may modify the ``params`` it is given. All randomness must come from
-    ``rng`` so a round can be replayed exactly.
-
-    Example (a trainer that "learns" by nudging every parameter towards zero)::
-
-        class ShrinkTrainer:
-            def __init__(self, n):
-                self.n = n
-
-            def fit(self, params, hyper, rng):
-                new = {k: (v * (1 - hyper["lr"])).astype(np.float32) for k, v in params.items()}
-                return FitResult(new, num_samples=self.n, metrics={})
-
-            def evaluate(self, params):
-                return EvalResult(loss=0.0, accuracy=1.0, num_samples=self.n)
-    """
-
-    def fit(
-        self,
-        params: dict[str, np.ndarray],
-        hyper: Mapping[str, float],
-        rng: np.random.Generator,
-    ) -> FitResult:
-        """Train from the global ``params`` with the round's ``hyper``-parameters.
-
-        Example (with the built-in :class:`NumpyTrainer`):
-            >>> from device_agent.data import synthetic_federation
-            >>> from device_agent.models import SoftmaxRegression
-            >>> device = synthetic_federation(num_devices=1)[0]
-            >>> trainer = NumpyTrainer(SoftmaxRegression(60, 10), device)
-            >>> start = trainer.model.init_params(np.random.default_rng(0))
-            >>> hyper = {"lr": 0.01, "epochs": 1, "batch_size": 10}
-            >>> result = trainer.fit(start, hyper, np.random.default_rng(1))
-            >>> result.num_samples == trainer.data.num_train, sorted(result.params)
-            (True, ['b', 'w'])
-        """
-        ...
-
-    def evaluate(self, params: dict[str, np.ndarray]) -> EvalResult:
-        """Score ``params`` on this device's held-out data.
-
-        Example (with the built-in :class:`NumpyTrainer`):
-            >>> from device_agent.data import synthetic_federation
-            >>> from device_agent.models import SoftmaxRegression
-            >>> device = synthetic_federation(num_devices=1)[0]
-            >>> trainer = NumpyTrainer(SoftmaxRegression(60, 10), device)
-            >>> result = trainer.evaluate(trainer.model.init_params(np.random.default_rng(0)))
-            >>> result.num_samples == len(trainer.data.y_test), 0.0 <= result.accuracy <= 1.0
-            (True, True)
-        """
-        ...
 
 
 def _hyper_value(hyper: Mapping[str, float], key: str) -> float:
@@ -217,8 +120,8 @@ class NumpyTrainer:
     returned parameters, without the proximal term) and ``steps``.
 
     Example:
-        >>> from device_agent.data import synthetic_federation
-        >>> from device_agent.models import SoftmaxRegression
+        >>> from fedsync.synthetic import synthetic_federation
+        >>> from fedsync.models import SoftmaxRegression
         >>> device = synthetic_federation(num_devices=1, seed=0)[0]
         >>> trainer = NumpyTrainer(SoftmaxRegression(60, 10), device)
         >>> start = trainer.model.init_params(np.random.default_rng(0))
@@ -295,8 +198,8 @@ def fedavg_simulation(
     MQTT should reproduce, not part of the wire path.
 
     Example:
-        >>> from device_agent.data import synthetic_federation
-        >>> from device_agent.models import SoftmaxRegression
+        >>> from fedsync.synthetic import synthetic_federation
+        >>> from fedsync.models import SoftmaxRegression
         >>> accs = fedavg_simulation(SoftmaxRegression(60, 10),
         ...     synthetic_federation(num_devices=5, seed=0), rounds=3, hyper=DEFAULT_HYPER, seed=0)
         >>> len(accs), all(0.0 <= a <= 1.0 for a in accs)
@@ -339,8 +242,8 @@ def centralised_baseline(
     A faster optimiser (Nesterov full-batch GD) reached the same plateaus.
 
     Example:
-        >>> from device_agent.data import synthetic_federation, union
-        >>> from device_agent.models import SoftmaxRegression
+        >>> from fedsync.synthetic import synthetic_federation, union
+        >>> from fedsync.models import SoftmaxRegression
         >>> x, y, _, _ = union(synthetic_federation(num_devices=3, seed=0))
         >>> model = SoftmaxRegression(60, 10)
         >>> params = centralised_baseline(model, x, y, DEFAULT_HYPER, seed=0, epochs=2)

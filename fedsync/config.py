@@ -94,13 +94,12 @@ def one_of(choices: Iterable[Any] | Callable[[], Iterable[Any]]) -> Rule:
 
 
 def _broker_url(url: str) -> str | None:
-    from fedsync.mqtt import BrokerAddress
+    from fedsync.address import BrokerAddress
 
     try:
         BrokerAddress.parse(url)
-    except ValueError as exc:  # BrokerAddress on a bad scheme (names the URL), urllib on a bad port (does not)
-        text = str(exc)
-        return text.removeprefix("broker: ") if text.startswith("broker: ") else f"{url!r}: {text}"
+    except ValueError as exc:  # BrokerAddress names the URL and what is wrong with it
+        return str(exc).removeprefix("broker: ")
     return None
 
 
@@ -203,7 +202,9 @@ class _Loader:
         if getattr(hint, "__origin__", None) is dict:  # a free-form table of numbers
             values = self.sections[name].default_factory()  # type: ignore[misc]
             for key, value in body.items():
-                if (coerced := self._coerce(f"{name}.{key}", float, value)) is not _BAD:
+                if hint.__args__[1] is object:  # a plug-in's own table ([trainer]): its values as TOML gives them
+                    values[key] = value
+                elif (coerced := self._coerce(f"{name}.{key}", float, value)) is not _BAD:
                     values[key] = coerced
             return values
         fields = {f.name: f for f in dataclasses.fields(hint)}
@@ -270,8 +271,15 @@ class BrokerSection:
     keepalive: int = 15  # seconds; mosquitto fires the last will after ~1.5-2.3x this
 
 
+@dataclass(frozen=True, slots=True)
+class FederationSection:
+    """``[federation]``: which federation the service belongs to (shared by every service)."""
+
+    name: str = "demo"  # topic root is fedsync/{name}/
+
+
 def credentials_from(section: BrokerSection, default_user: str | None = None):
-    from fedsync.mqtt import Credentials
+    from fedsync.address import Credentials
 
     return Credentials(section.username or default_user, read_secret(section.password_file),
                        section.ca_file, section.cert_file, section.key_file)

@@ -3,7 +3,8 @@
 Every decoder in fedsync raises :class:`ProtocolError` for bad input and nothing
 else, so a service can catch exactly one type, log it, count it by reason and go
 on serving. The message always names the field and the reason.
-:class:`EncodeError` is our own bug; :class:`OperatorError` is the operator's to fix.
+:class:`EncodeError` and :class:`IllegalTransition` are our own bugs; :class:`OperatorError` is the
+operator's to fix.
 """
 
 from __future__ import annotations
@@ -56,3 +57,24 @@ class OperatorError(RuntimeError):
         self.message = message
         self.code = code
         super().__init__(message)
+
+
+class IllegalTransition(RuntimeError):
+    """A state machine was handed an event its transition table has no row for in its state.
+
+    Not bad input: bad input is a :class:`ProtocolError`, counted and dropped before it can
+    drive a state machine. The core's own logic asked for a transition the protocol does not
+    have (a bug, or an adapter calling the core out of order, such as re-opening a round while
+    one is open), so it is an internal error that ends the service loudly, like
+    :class:`EncodeError`, instead of being ignored. The tables are in
+    ``coordinator/round_state.py`` and ``device_agent/agent_state.py`` (docs/protocol.md).
+
+    >>> str(IllegalTransition("round", "open", "resume"))
+    "round state machine: no transition from 'open' on 'resume'"
+    """
+
+    def __init__(self, machine: str, state: str, event: str) -> None:
+        self.machine = machine
+        self.state = state
+        self.event = event
+        super().__init__(f"{machine} state machine: no transition from {state!r} on {event!r}")

@@ -6,14 +6,17 @@ contiguous slices of ``shard_values`` values (the last may be shorter), so a
 shard's place in the vector is ``offset = index * shard_values``.
 
 Digests are SHA-256 truncated to 128 bits: a shard's digest covers its encoded
-bytes exactly as sent; an update's digest covers the ordered shard digests, so the receiver
-verifies the whole update without decoding it twice.
+bytes exactly as sent; an update's digest covers the ordered shard digests (so the receiver
+verifies the whole update without decoding it twice) *and* what the update is: its
+federation, device, round, update id and the model it is a delta from (version and digest),
+so a payload moved to another round, device or base model no longer verifies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -79,12 +82,53 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:16]
 
 
-def update_digest(shard_digests: Iterable[bytes]) -> bytes:
-    """Digest of a whole update: SHA-256 (first 16 bytes) over its shard digests in index order."""
+UPDATE_DOMAIN = b"fedsync/update-digest/v1\x00"
+
+
+def shards_digest(shard_digests: Iterable[bytes]) -> bytes:
+    """SHA-256 (first 16 bytes) over an update's shard digests in index order: what the
+    update's bytes are, before :func:`update_digest` binds it to where it belongs."""
     h = hashlib.sha256()
     for d in shard_digests:
         h.update(d)
     return h.digest()[:16]
+
+
+def update_binding(shards: bytes, *, federation: str, device: str, round_id: int, update_id: str,
+                   base_version: int, base_digest: bytes) -> bytes:
+    """The bytes :func:`update_digest` hashes: ``UPDATE_DOMAIN``, then federation, device (u16
+    length + UTF-8 each), round id (u64 big-endian), update id (u16 length + UTF-8), base version
+    (u64 big-endian), base model digest (u8 length + bytes) and ``shards`` (:func:`shards_digest`,
+    16 bytes). Length prefixes, so no two different tuples give the same bytes.
+
+    >>> update_binding(bytes(16), federation="f", device="d", round_id=1, update_id="u", base_version=0,
+    ...                base_digest=bytes(16)).hex()[:16]
+    '66656473796e632f'
+    """
+    out = bytearray(UPDATE_DOMAIN)
+    for text in (federation, device):
+        raw = text.encode("utf-8")
+        out += struct.pack(">H", len(raw)) + raw
+    out += struct.pack(">Q", round_id)
+    raw = update_id.encode("utf-8")
+    out += struct.pack(">H", len(raw)) + raw
+    out += struct.pack(">QB", base_version, len(base_digest)) + bytes(base_digest)
+    return bytes(out + shards)
+
+
+def update_digest(shard_digests: Iterable[bytes], *, federation: str, device: str, round_id: int,
+                  update_id: str, base_version: int, base_digest: bytes) -> bytes:
+    """Digest of a whole update: SHA-256 (first 16 bytes) of :func:`update_binding` of its shard
+    digests (in index order) and what it is: the federation, the device, the round, the update id,
+    and the version and digest of the global model it is a delta from.
+
+    >>> kw = dict(federation="f", device="d", round_id=1, update_id="u", base_version=0, base_digest=bytes(16))
+    >>> update_digest([bytes(16)], **kw) == update_digest([bytes(16)], **{**kw, "round_id": 7})
+    False
+    """
+    return hashlib.sha256(update_binding(shards_digest(shard_digests), federation=federation, device=device,
+                                         round_id=round_id, update_id=update_id, base_version=base_version,
+                                         base_digest=base_digest)).digest()[:16]
 
 
 def vector_digest(vector: np.ndarray) -> bytes:

@@ -53,6 +53,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from fedsync.atomic import write_atomic
 from fedsync.topics import check_name
 
 DOMAIN = b"fedsync/update-signature/v1\x00"
@@ -239,11 +240,7 @@ def write_device_keys(path: str | os.PathLike[str], keys: Mapping[str, bytes], *
     """Write ``keys`` in the :func:`load_device_keys` format (mode 0600 if ``secret``, else 0644)."""
     lines = [f"# {line}" for line in comment.splitlines()] if comment else []
     lines += [f"{check_name('device', d)} {base64.b64encode(k).decode('ascii')}" for d, k in keys.items()]
-    mode = 0o600 if secret else 0o644
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(path, mode)
+    write_atomic(path, "\n".join(lines) + "\n", mode=0o600 if secret else 0o644)
 
 
 def generate_device_keys(out_dir: str | os.PathLike[str], devices: Iterable[str],
@@ -283,7 +280,7 @@ def generate_device_keys(out_dir: str | os.PathLike[str], devices: Iterable[str]
     for stale in (out / "devices").glob("*.key"):
         if stale.stem not in coordinator:
             stale.unlink()
-    (out / "scheme").write_text(scheme + "\n", encoding="utf-8")
+    write_atomic(out / "scheme", scheme + "\n")
     path = out / "coordinator.keys"
     write_device_keys(path, coordinator, secret=not public,
                       comment=f"{scheme} {'public ' if public else ''}keys of every device, for the coordinator")

@@ -20,24 +20,32 @@ class TopicRule:
     """One row of the topic tree: who writes it, who reads it, how it is published.
 
     ``filter`` is relative to ``fedsync/{federation}/`` and is the widest filter any
-    reader subscribes with; ``{device}`` stands for one device id."""
+    reader subscribes with; ``{device}`` stands for one device id. ``clearers`` may also
+    publish there, only ever an empty retained payload (deleting a retained message a
+    writer should not have left); the broker ACL cannot tell payloads apart, so the
+    grant is a plain write."""
 
     filter: str
     writer: str  # "coordinator" | "device"
     readers: tuple[str, ...]  # roles: "coordinator", "device", "monitor"
     delivery: str  # QoS and retain, as the README's topic tree shows it
+    clearers: tuple[str, ...] = ()
 
 
 # The whole topic tree. The broker ACLs (broker_config/acl.py) are rendered from this table
 # and tests check every topic the cores publish or subscribe to against it, so a topic added
 # to ``Topics`` without a row here fails the suite instead of being dropped by the broker.
+# The coordinator reads back its own retained manifest and model after every connection, to
+# repair what a broker restarted from a stale persistence file holds (coordinator/retained_audit.py),
+# and deletes updates a device published retained (coordinator/broker_watch.py).
 TOPIC_TABLE: tuple[TopicRule, ...] = (
-    TopicRule("manifest", "coordinator", ("device", "monitor"), "retained, QoS 1"),
-    TopicRule("model/#", "coordinator", ("device",), "retained, QoS 1"),
-    TopicRule("modeldelta/#", "coordinator", ("device",), "retained, QoS 1"),
-    TopicRule("up/{device}/#", "device", ("coordinator",), "QoS 1 or 2"),
+    TopicRule("manifest", "coordinator", ("coordinator", "device", "monitor"), "retained, QoS 1"),
+    TopicRule("model/#", "coordinator", ("coordinator", "device"), "retained, QoS 1"),
+    TopicRule("modeldelta/#", "coordinator", ("coordinator", "device"), "retained, QoS 1"),
+    TopicRule("up/{device}/#", "device", ("coordinator",), "QoS 1 or 2, never retained", ("coordinator",)),
     TopicRule("ack/{device}", "coordinator", ("device",), "retained, QoS 1"),
-    TopicRule("status/{device}", "device", ("coordinator", "monitor"), "retained, QoS 1; last will"),
+    TopicRule("status/{device}", "device", ("coordinator", "device", "monitor"),
+              "retained, QoS 1; last will; a device reads its own (duplicate-id check)"),
     TopicRule("coordinator/status", "coordinator", ("coordinator", "device", "monitor"),
               "retained, QoS 1; last will"),
     TopicRule("coordinator/probe", "coordinator", ("coordinator",), "QoS 1, to itself"),
@@ -46,7 +54,7 @@ TOPIC_TABLE: tuple[TopicRule, ...] = (
 
 def check_name(field: str, value: str) -> str:
     """Return ``value`` if it is a valid device id / federation name."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):  # fullmatch: `$` alone lets a final \n through
         raise ProtocolError(field, "format", f"{value!r} must match [A-Za-z0-9_.-]{{1,64}}")
     return value
 
@@ -120,7 +128,7 @@ class Topics:
         broker had for ``coordinator_status`` (if any) has been delivered before it."""
         return f"{self.root}/coordinator/probe"
 
-    # -- parsing: every client filters what it receives by topic (DESIGN.md:
+    # -- parsing: every client filters what it receives by topic (docs/brokers.md:
     # amqtt delivers retained messages to clients that never subscribed).
 
     def parse_up(self, topic: str) -> UpTopic:

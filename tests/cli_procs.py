@@ -22,18 +22,22 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_config.process import _find_program
-from tests.util import wait_until
+import pytest
+
+from fedsync.broker_config.mosquitto import find_program
+from tests.util import stop_process, wait_until
 
 FEDSYNC = os.path.join(os.path.dirname(sys.executable), "fedsync")  # the console script of this venv
-MOSQUITTO = _find_program("mosquitto")
+MOSQUITTO = find_program("mosquitto")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 TAIL_LINES = 20
@@ -72,14 +76,15 @@ def parse_line(line: str) -> LogLine | None:
 class CliProcess:
     """One started command: its Popen, its stderr file and what it logged."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.argv, self.log = name, argv, log
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name, self.argv, self.log, self.cwd = name, argv, log, cwd
         self.out = log.with_suffix(".out")
         with log.open("wb") as err, self.out.open("wb") as out:
             # Its own session: a Ctrl-C of the test runner reaches only pytest, whose
             # finalizer then stops this process deliberately, by its PID.
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                         start_new_session=True)
+                                         cwd=cwd, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -119,13 +124,7 @@ class CliProcess:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; reaps the process."""
-        self.signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(10)
+        stop_process(self.proc, grace)
 
     def describe(self) -> str:
         code = self.proc.poll()
@@ -139,17 +138,17 @@ class Fleet:
         self.log_dir = log_dir
         self.procs: list[CliProcess] = []
 
-    def start(self, role: str, argv: list[str]) -> CliProcess:
+    def start(self, role: str, argv: list[str], cwd: Path | None = None) -> CliProcess:
         n = 1 + sum(p.name.rsplit(".", 1)[0] == role for p in self.procs)
         p = CliProcess(f"{role}.{n}", argv, self.log_dir / f"{role}.{n}.log",
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd)
         self.procs.append(p)
         return p
 
     def restart(self, old: CliProcess) -> CliProcess:
         """The same command again (``old`` must have exited)."""
         assert not old.alive(), f"{old.describe()} is still running"
-        return self.start(old.name.rsplit(".", 1)[0], old.argv)
+        return self.start(old.name.rsplit(".", 1)[0], old.argv, old.cwd)
 
     def of(self, role: str) -> list[CliProcess]:
         """Every process started for ``role``, oldest first."""
@@ -199,3 +198,29 @@ class Fleet:
                 p.signal(signal.SIGTERM)
             for p in group:
                 p.stop()
+
+
+# -- fixtures for the CLI-process tests (import them into the test module: `from tests.cli_procs
+# import broker_dir, fleet`) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A Fleet in the test's tmp dir; every process it started is stopped afterwards."""
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.stop_all()
+
+
+@pytest.fixture
+def broker_dir() -> Iterator[Path]:
+    """A directory for a rendered mosquitto setup. Not under tmp_path: mosquitto started as root
+    drops to the `mosquitto` user, which must reach its files, and pytest's base temp dir is 0700
+    (the renderer makes this dir 0755)."""
+    d = Path(tempfile.mkdtemp(prefix="fedsync-broker-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -20,10 +20,10 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 if _PROJECT_ROOT not in sys.path:
     sys.path.insert(0, _PROJECT_ROOT)
 
-from broker_config.process import BrokerProcess, mosquitto_available  # noqa: E402
+from fedsync.broker_config.process import BrokerProcess, mosquitto_available  # noqa: E402
 
 # The federation every broker test runs with: the coordinator and 32 devices, each
-# logging in with its own user (the device id must equal the MQTT user, per DESIGN.md).
+# logging in with its own user (the device id must equal the MQTT user: docs/brokers.md).
 DEVICE_COUNT = 32
 BROKER_USERS: dict[str, str] = {
     "coordinator": "coordinator-secret",

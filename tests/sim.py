@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
-from device_agent.agent import AgentCore, Finished, Train
+from fedsync.coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
+from fedsync.device_agent.agent import AgentCore, Finished, Train
 from fedsync.actions import Publish, Subscribe, Unsubscribe
 from fedsync.messages import PeerStatus, encode
 from fedsync.topics import Topics

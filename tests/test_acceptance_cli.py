@@ -49,17 +49,15 @@ the delta.
 from __future__ import annotations
 
 import re
-import shutil
 import signal
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from broker_config.process import free_port, mosquitto_available
+from fedsync.broker_config.process import free_port, mosquitto_available
 from tests.cli_procs import FEDSYNC, MOSQUITTO, CliProcess, Fleet, LogLine, parse_line
+from tests.cli_procs import broker_dir, fleet  # noqa: F401 (pytest fixtures)
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")]
@@ -94,24 +92,6 @@ REFUSAL = re.compile(r"fedsync coordinator: another coordinator is running on fe
                      r"\(incarnation (\d+), started [0-9T:-]+Z\); stop it first, or pass --takeover")
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop_all()
-
-
-@pytest.fixture
-def broker_dir() -> Iterator[Path]:
-    # Not under tmp_path: mosquitto started as root drops to the `mosquitto` user, which must
-    # reach its files, and pytest's base temp dir is 0700. The renderer makes this dir 0755.
-    d = Path(tempfile.mkdtemp(prefix="fedsync-acceptance-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class Federation:

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.assembler import RoundLayout, ShardAssembler
+from fedsync.coordinator.assembler import RoundLayout, ShardAssembler
 from fedsync.codecs import get_codec
 from fedsync.messages import UpdateShard
 from fedsync.params import digest, shard_slices, update_digest
@@ -19,7 +19,9 @@ def make_shards(vector: np.ndarray, per: int, codec: str = "zstd", device: str =
     c = get_codec(codec)
     slices = shard_slices(vector.size, per)
     datas = [c.encode(vector[o:o + n]) for o, n in slices]
-    whole = update_digest(digest(d) for d in datas)
+    # The assembler below is built without a federation or a base digest: the binding's are empty.
+    whole = update_digest((digest(d) for d in datas), federation="", device=device, round_id=round_id,
+                          update_id=update_id, base_version=version, base_digest=b"")
     return [UpdateShard(device, round_id, update_id, version, i, len(slices), o, n, vector.size, codec, num_samples,
                         digest(d), whole, d) for i, ((o, n), d) in enumerate(zip(slices, datas))]
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.core import CoordinatorCore, RoundPolicy
-from device_agent.agent import CampaignStarted, Finished, Note
+from fedsync.coordinator.core import CoordinatorCore, RoundPolicy
+from fedsync.device_agent.agent import CampaignStarted, Finished, Note
+from fedsync.device_agent.agent_state import AgentState
 from fedsync.messages import RoundManifest, decode
 from tests.sim import Sim, offset_trainer
 
@@ -71,11 +72,11 @@ def test_an_agent_that_missed_the_end_notices_the_coordinator_started_over():
     job_before = agent.job
     assert job_before is not None and job_before.round_id == 3
     # Pretend it never saw the finished manifest: rewind it to its last open-round view.
-    agent.manifest, agent.state = job_before, "done"
+    agent.manifest, agent.state = job_before, AgentState.DONE
     out = agent.on_message(sim.topics.manifest, sim.retained[sim.topics.manifest], sim.now)
     assert any(isinstance(a, Finished) for a in out) and not any(isinstance(a, CampaignStarted) for a in out)
 
-    agent.manifest, agent.state = job_before, "done"  # again away; now campaign 2 starts
+    agent.manifest, agent.state = job_before, AgentState.DONE  # again away; now campaign 2 starts
     sim.events.clear()
     _new_campaign(sim, rounds=1, incarnation=7)
     assert [(c.round_id, c.outcome, len(c.accepted)) for c in sim.closed()] == [(1, "committed", 3)]

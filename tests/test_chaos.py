@@ -7,9 +7,7 @@ the MQTT scenarios run paho-mqtt clients through the proxy to a real broker
 
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import socket
 import socketserver
 import threading
@@ -20,11 +18,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_config.process import BrokerProcess, mosquitto_available
-from coordinator.core import RoundPolicy
-from coordinator.federation import LocalFederation
-from fedsync.chaos import (PROFILES, ChaosProxy, LinkProfile, blackout_schedule, connection_streams,
-                           fault_schedule, get_profile, main)
+from fedsync.broker_config.process import BrokerProcess, mosquitto_available
+from fedsync.coordinator.core import RoundPolicy
+from fedsync.lab.audit import audit
+from fedsync.lab.federation import LocalFederation
+from fedsync.lab.chaos import (PROFILES, ChaosProxy, LinkProfile, TokenBucket, connection_streams, fault_schedule,
+                               get_profile, main)
+from tests.util import wait_until
 
 USERS = {"coordinator": "coordinator-secret", **{f"dev-{i}": f"dev-{i}-secret" for i in range(8)}}
 FIELD_BROKER = "mosquitto" if mosquitto_available() else "amqtt"
@@ -69,15 +69,6 @@ def field_broker() -> Iterator[BrokerProcess]:
         yield broker
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -114,69 +105,99 @@ def test_clean_profile_passes_bytes_unchanged_and_forwards_half_close(echo):
     assert stats["resets"] == stats["stalls"] == stats["blackout_drops"] == 0
 
 
+# -- bandwidth: the proxy's use of the bucket (its arithmetic: tests/test_chaos_profiles.py) --------------
+
+class _RecordingBucket(TokenBucket):
+    """The proxy's TokenBucket, with every take() noted: (bucket id, bytes, loop time, wait)."""
+
+    takes: list[tuple[int, int, float, float]] = []
+    made: list[tuple[float, int]] = []
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        super().__init__(rate, burst, now)
+        self.made.append((rate, burst))
+
+    def take(self, n: int, now: float) -> float:
+        wait = super().take(n, now)
+        self.takes.append((id(self), n, now, wait))
+        return wait
+
+
 class _SendAndSink(socketserver.BaseRequestHandler):
-    """Upstream for the bandwidth test: sends N bytes down while timing the N bytes coming up."""
+    """Upstream for the bandwidth test: sends N bytes down while reading the N bytes coming up."""
 
     n = 0
-    up_rates: list[float] = []
+    received: list[int] = []
 
     def handle(self) -> None:
         sender = threading.Thread(target=self.request.sendall, args=(bytes(self.n),))
         sender.start()
-        self.up_rates.append(_timed_receive(self.request, self.n))
+        self.received.append(len(recv_exactly(self.request, self.n)))
         sender.join()
 
 
-def _timed_receive(sock: socket.socket, n: int) -> float:
-    """Bytes/s from the first chunk's arrival to the last byte (the bucket's initial burst excluded)."""
-    first = sock.recv(65536)
-    t0, got = time.monotonic(), 0
-    while got < n - len(first):
-        chunk = sock.recv(65536)
-        assert chunk
-        got += len(chunk)
-    return got / (time.monotonic() - t0)
+def test_bandwidth_cap_every_byte_in_each_direction_goes_through_the_bucket(monkeypatch):
+    # No stopwatch: the proxy must pass each direction's bytes, all of them and once, through a
+    # bucket of the profile's rate and depth, and wait what the bucket says before each write
+    # (the next take() of a direction comes no earlier than the last one's wait). The bucket's
+    # arithmetic then bounds the rate (the tests above).
+    import fedsync.lab.chaos_link as chaos_link
 
-
-def test_bandwidth_cap_holds_within_20_percent_in_each_direction():
-    cap = 200_000
-    _SendAndSink.n, _SendAndSink.up_rates = 220_000, []  # ~1 s at the cap, both directions at once
+    cap, n = 200_000, 220_000
+    _RecordingBucket.takes, _RecordingBucket.made = [], []
+    monkeypatch.setattr(chaos_link, "TokenBucket", _RecordingBucket)
+    _SendAndSink.n, _SendAndSink.received = n, []
     server = serve(_SendAndSink)
     try:
-        with ChaosProxy(None, server.server_address, LinkProfile(bandwidth_bytes_per_s=cap), seed=1) as proxy:
+        profile = LinkProfile(bandwidth_bytes_per_s=cap)
+        with ChaosProxy(None, server.server_address, profile, seed=1) as proxy:
             s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-            sender = threading.Thread(target=s.sendall, args=(bytes(_SendAndSink.n),))
+            sender = threading.Thread(target=s.sendall, args=(bytes(n),))
             sender.start()
-            down = _timed_receive(s, _SendAndSink.n)
+            assert len(recv_exactly(s, n)) == n
             sender.join()
-            wait_until(lambda: _SendAndSink.up_rates, 5, "the upstream's measurement")
+            wait_until(lambda: _SendAndSink.received, 5, "the upstream to read everything")
             s.close()
+            wait_until(lambda: proxy.stats()["active"] == 0, 5, "the connection to close")  # counted after drain
+            stats = proxy.stats()
     finally:
         server.shutdown()
         server.server_close()
-    up = _SendAndSink.up_rates[0]
-    print(f"bandwidth cap {cap} B/s: measured down {down:.0f} B/s ({down / cap - 1:+.1%}), "
-          f"up {up:.0f} B/s ({up / cap - 1:+.1%})")
-    assert 0.8 * cap <= down <= 1.2 * cap
-    assert 0.8 * cap <= up <= 1.2 * cap
+    assert _SendAndSink.received == [n]
+    assert (stats["bytes_up"], stats["bytes_down"]) == (n, n)
+    assert _RecordingBucket.made == [(cap, profile.burst_bytes)] * 2  # one bucket per direction
+    per_bucket: dict[int, list[tuple[int, float, float]]] = {}
+    for bucket, size, now, wait in _RecordingBucket.takes:
+        per_bucket.setdefault(bucket, []).append((size, now, wait))
+    assert sorted(sum(size for size, _, _ in takes) for takes in per_bucket.values()) == [n, n]
+    step = max(512, min(profile.burst_bytes, 4096))
+    resolution = time.get_clock_info("monotonic").resolution  # asyncio may run a timer this much early
+    for takes in per_bucket.values():
+        assert all(size <= step for size, _, _ in takes)
+        assert all(b[1] >= a[1] + a[2] - 2 * resolution for a, b in zip(takes, takes[1:]))
 
 
 @pytest.mark.parametrize("latency_ms, jitter_ms", [(100, 0), (150, 50)])
-def test_latency_adds_at_least_the_configured_delay(echo, latency_ms, jitter_ms):
+def test_latency_holds_each_chunk_for_the_delay_its_seeded_stream_draws(echo, latency_ms, jitter_ms):
+    # The delays are the connection's own seeded streams (connection 0 of seed 1), one draw per
+    # chunk each way, so each echo's round trip is at least its two draws: a lower bound only,
+    # since a loaded machine adds time but never removes it.
     profile = LinkProfile(latency_ms=latency_ms, jitter_ms=jitter_ms)
-    lowest = 2 * (latency_ms - jitter_ms) / 1000  # one delay each way
-    highest = 2 * (latency_ms + jitter_ms) / 1000
+    _, up, down = connection_streams(1, 0)
+    draws = [(up.uniform(latency_ms - jitter_ms, latency_ms + jitter_ms) / 1000,
+              down.uniform(latency_ms - jitter_ms, latency_ms + jitter_ms) / 1000) for _ in range(5)]
+    assert all((latency_ms - jitter_ms) / 1000 <= d <= (latency_ms + jitter_ms) / 1000 for pair in draws for d in pair)
     with ChaosProxy(None, echo, profile, seed=1) as proxy, \
             socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
         rtts = []
         for i in range(5):
             t0 = time.monotonic()
             s.sendall(b"ping %d" % i)
-            assert recv_exactly(s, 6) == b"ping %d" % i
+            assert recv_exactly(s, 6) == b"ping %d" % i  # one chunk each way: one draw each
             rtts.append(time.monotonic() - t0)
-    print(f"latency {latency_ms} +- {jitter_ms} ms: echo round trips {[round(r, 3) for r in rtts]} s")
-    assert min(rtts) >= lowest, rtts
-    assert max(rtts) <= highest + 0.1, rtts  # loopback and scheduling add little
+    print(f"latency {latency_ms} +- {jitter_ms} ms: echo round trips {[round(r, 3) for r in rtts]} s, "
+          f"drawn {[round(a + b, 3) for a, b in draws]} s")
+    assert all(rtt >= a + b for rtt, (a, b) in zip(rtts, draws)), (rtts, draws)
 
 
 def test_blackout_resets_open_connections_and_black_holes_or_refuses_new_ones(echo):
@@ -184,73 +205,40 @@ def test_blackout_resets_open_connections_and_black_holes_or_refuses_new_ones(ec
         before = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         before.sendall(b"x")
         assert recv_exactly(before, 1) == b"x"
-        assert proxy.blackout_now(1.0) == 1
+        assert proxy.blackout_now(3.0) == 1
         with pytest.raises(ConnectionResetError):
             before.recv(10)
         during = socket.create_connection(("127.0.0.1", proxy.port), timeout=0.4)  # accepted ...
         during.sendall(b"y")
         with pytest.raises(TimeoutError):
-            during.recv(10)  # ... and answered by silence
-        during.settimeout(2.0)
+            during.recv(10)  # ... and answered by silence (the blackout has 2.6 s more to run) ...
+        during.settimeout(10.0)
         with pytest.raises(ConnectionResetError):
-            during.recv(10)  # until the blackout ends: then an RST
+            during.recv(10)  # ... until the blackout ends: then an RST (the control: it was open)
         after = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         after.sendall(b"z")
         assert recv_exactly(after, 1) == b"z"
 
         proxy.set_profile(LinkProfile(blackout_new="refuse"))
-        proxy.blackout_now(5.0)
-        refused_at = time.monotonic()
-        refused = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        proxy.blackout_now(3600.0)
+        refused = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         with pytest.raises(ConnectionResetError):
-            refused.recv(10)
-        assert time.monotonic() - refused_at < 1.0
+            refused.recv(10)  # at once: a black hole would keep it silent for the hour (TimeoutError)
         stats = proxy.stats()
         for s in (before, during, after, refused):
             s.close()
     assert (stats["blackouts"], stats["blackout_drops"], stats["connections"]) == (2, 4, 4)
 
 
-# -- determinism --------------------------------------------------------------------------------------
-
-def test_same_seed_gives_the_same_fault_and_blackout_schedule():
-    def faults(profile, seed, index, n=50):
-        return list(itertools.islice(fault_schedule(profile, connection_streams(seed, index)[0]), n))
-
-    def blackouts(profile, seed, n=20):
-        return list(itertools.islice(blackout_schedule(profile, random.Random(f"fedsync.chaos/{seed}/blackouts")), n))
-
-    wifi, cell, dark = get_profile("wifi-flaky"), get_profile("cellular-3g"), get_profile("blackout")
-    assert faults(wifi, 7, 3) == faults(wifi, 7, 3)
-    assert faults(wifi, 7, 3) != faults(wifi, 8, 3)  # another seed
-    assert faults(wifi, 7, 3) != faults(wifi, 7, 4)  # another connection
-    assert faults(cell, 7, 3) == faults(cell, 7, 3)
-    assert blackouts(dark, 7) == blackouts(dark, 7) != blackouts(dark, 8)
-    assert faults(get_profile("clean"), 7, 3) == []
-    # what the proxy will do to its k-th connection is exactly this generator's output
-    proxy = ChaosProxy(None, ("127.0.0.1", 9), wifi, seed=7)
-    assert proxy.planned_faults(3, 50) == faults(wifi, 7, 3)
-
-    # the generator honours the profile: ~1 reset per 30 s, stalls of 2-5 s, blackouts 5-10 s every ~30 s
-    many = faults(wifi, 1, 0, n=4000)
-    resets = [f for f in many if f.kind == "reset"]
-    stalls = [f for f in many if f.kind == "stall"]
-    assert 25 <= many[-1].at / len(resets) <= 35
-    assert all(2.0 <= f.duration <= 5.0 for f in stalls) and 60 <= many[-1].at / len(stalls) <= 120
-    periods = blackouts(dark, 1, n=200)
-    assert periods[0][0] == 3.0 and all(5.0 <= d <= 10.0 for _, d in periods)
-    gaps = [b[0] - (a[0] + a[1]) for a, b in zip(periods, periods[1:])]
-    assert all(24.0 <= g <= 36.0 for g in gaps)
-
-
 # -- MQTT through the proxy ---------------------------------------------------------------------------
 
 class Probe:
-    """A paho client (VERSION2) recording connects, disconnects and messages."""
+    """A paho client (VERSION2) recording connects, lost connections and messages."""
 
     def __init__(self, user: str, host: str, port: int, *, clean_session: bool = True, keepalive: int = 15,
                  will: tuple[str, bytes] | None = None, subscribe: str | None = None) -> None:
-        self.connects, self.disconnects = 0, 0
+        self.connects, self.disconnects = 0, 0  # disconnects: connections lost (paho may report one twice)
+        self._up = False
         self.disconnected_at: float | None = None
         self.received: list[tuple[str, bytes]] = []
         self.published: set[int] = set()
@@ -269,11 +257,15 @@ class Probe:
 
     def _connected(self, client: paho.Client, topic: str | None) -> None:
         self.connects += 1
+        self._up = True
         if topic:
             client.subscribe(topic, 1)
 
     def _disconnected(self, *args) -> None:
-        self.disconnects += 1  # paho may report one loss twice (keepalive check, then the loop)
+        if not self._up:
+            return  # the same loss reported again (paho: keepalive check, then the loop)
+        self._up = False
+        self.disconnects += 1
         if self.disconnected_at is None:
             self.disconnected_at = time.monotonic()
 
@@ -303,31 +295,41 @@ def test_reset_all_makes_a_paho_client_reconnect_and_qos1_crosses_the_reset(brok
             assert watcher.subscribed.wait(5) and device.subscribed.wait(5)
             # Freeze the link, so both messages are in flight inside the proxy when it resets.
             assert proxy.stall_all(60) == 1
-            device.client.publish("chaos/up", b"from-device", qos=1)
+            mid = device.client.publish("chaos/up", b"from-device", qos=1).mid
             watcher.client.publish("chaos/down", b"to-device", qos=1)
+            # Time for both to reach the proxy. Nothing crosses the stall; that both were held there,
+            # not lost or never sent, is the control below: each crosses the reset (or, on amqtt, the
+            # broker's is lost with the connection it was in flight on, as documented).
             time.sleep(0.5)
-            assert (watcher.got(b"from-device"), device.got(b"to-device"), device.published) == (0, 0, set())
-
+            assert (watcher.got(b"from-device"), device.got(b"to-device"), mid in device.published) == (0, 0, False)
             assert proxy.reset_all() == 1  # RST both ways: the stalled bytes are gone
             wait_until(lambda: device.connects == 2, 10, "the device to reconnect")
-            # paho re-sends its unacknowledged PUBLISH with DUP set
-            wait_until(lambda: watcher.got(b"from-device") >= 1, 10, "the device's message across the reset")
+            # paho re-sends its unacknowledged PUBLISH with DUP set; a sentinel sent after it on the
+            # same connection arrives after it (one connection's messages stay in order), so the
+            # count below is final: exactly one copy (the first died in the proxy).
+            device.client.publish("chaos/up", b"device-sentinel", qos=1)
+            wait_until(lambda: watcher.got(b"device-sentinel"), 10, "the device's sentinel across the reset")
+            assert (watcher.got(b"from-device"), mid in device.published) == (1, True)
+            # The broker's message: a sentinel published after it to the same session, once resumed.
+            watcher.client.publish("chaos/down", b"broker-sentinel", qos=1)
+            wait_until(lambda: device.got(b"broker-sentinel"), 10, "the broker's sentinel across the reset")
             if broker_kind == "mosquitto":  # re-sends the session's unacknowledged PUBLISH on resume
-                wait_until(lambda: device.got(b"to-device") >= 1, 10, "the broker's message across the reset")
+                assert device.got(b"to-device") == 1
             else:
                 # amqtt 0.12.1 does not: a QoS 1 message in flight to a persistent session when the
                 # link resets is lost (one queued while the client is away is delivered; docs/chaos.md).
-                time.sleep(1.5)
                 assert device.got(b"to-device") == 0
-            stats = proxy.stats()
+            assert [p for _, p in device.received] == ([b"to-device"] if broker_kind == "mosquitto" else []) \
+                + [b"broker-sentinel"]
+            stats, lost = proxy.stats(), device.disconnects  # before close(): our own disconnect counts too
         finally:
             device.close()
             watcher.close()
-    assert device.disconnects >= 1 and stats["resets"] == 1 and stats["connections"] == 2
+    assert (lost, device.connects, stats["resets"], stats["connections"]) == (1, 2, 1, 2)
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not mosquitto_available(), reason="amqtt never fires the will of a frozen peer (DESIGN.md)")
+@pytest.mark.skipif(not mosquitto_available(), reason="amqtt never fires the will of a frozen peer (docs/brokers.md)")
 def test_stall_is_detected_by_keepalive_and_mosquitto_fires_the_will():
     keepalive = 2
     with BrokerProcess("mosquitto", users=USERS) as broker, \
@@ -351,9 +353,11 @@ def test_stall_is_detected_by_keepalive_and_mosquitto_fires_the_will():
             pump_until(lambda: mid in device.published, 5)  # last traffic both ways: now
             stalled_at = time.monotonic()
             proxy.stall_all(60)  # a half-open link: no bytes, no FIN, no RST
-            pump_until(lambda: device.disconnects >= 1, 6 * keepalive)
+            assert watcher.got(b"offline") == 0  # a snapshot: the link is silent, not closed
+            pump_until(lambda: device.disconnects == 1, 6 * keepalive)
             wait_until(lambda: watcher.got(b"offline"), 6 * keepalive, "the last will")
             will_at = time.monotonic()
+            stats = proxy.stats()
         finally:
             device.client.disconnect()
             watcher.close()
@@ -362,12 +366,14 @@ def test_stall_is_detected_by_keepalive_and_mosquitto_fires_the_will():
     print(f"stall, keepalive {keepalive} s: client noticed after {client_detect:.2f} s "
           f"({client_detect / keepalive:.2f}x), mosquitto fired the will after {will_detect:.2f} s "
           f"({will_detect / keepalive:.2f}x)")
-    assert 1.5 * keepalive <= client_detect <= 4 * keepalive
-    assert 1.5 * keepalive <= will_detect <= 4 * keepalive
+    # Lower bounds only: no silence is noticed before a keepalive period has passed (paho pings at
+    # 1 x, gives up at 2 x; MQTT 3.1.1 §3.1.2.10 gives the broker 1.5 x); a loaded machine is later.
+    assert client_detect >= keepalive and will_detect >= keepalive
+    assert (watcher.got(b"offline"), stats["stalls"], stats["resets"], stats["connections"]) == (1, 1, 0, 1)
 
 
 @pytest.mark.broker
-def test_wifi_flaky_federation_commits_rounds_and_counts_every_update_once(field_broker):
+def test_wifi_flaky_federation_commits_rounds_and_counts_every_update_once(field_broker, tmp_path):
     # Devices reach the broker through the flaky link; the coordinator sits beside the broker.
     seed, profile = 61, get_profile("wifi-flaky")
     first_faults = [next(fault_schedule(profile, connection_streams(seed, k)[0])) for k in range(6)]
@@ -376,13 +382,17 @@ def test_wifi_flaky_federation_commits_rounds_and_counts_every_update_once(field
     resets_seen: list[int] = []
     with ChaosProxy(None, (field_broker.host, field_broker.port), profile, seed=seed) as proxy:
         fed = LocalFederation(proxy.url, USERS, n_devices=6, seed=seed, policy=policy, keepalive=5,
-                              coordinator_url=field_broker.url,
+                              coordinator_url=field_broker.url, state_dir=str(tmp_path / "state"),
+                              ledger_dir=str(tmp_path / "ledger"),
                               resend_after=3.0, train_delays={f"dev-{i}": 0.3 for i in range(6)},
                               on_round=lambda rec: resets_seen.append(proxy.stats()["resets"]))
         fed.start()
         try:
             assert fed.wait(45), f"3 rounds did not commit: {fed.records} {proxy.stats()}"
             summary = fed.summary()
+            # The last round's receipts may still be on their way over the flaky links.
+            wait_until(lambda: _accepted_receipts(tmp_path / "ledger") == summary["updates_accepted"], 20,
+                       "every accepted receipt in the device ledgers")
         finally:
             fed.stop()
         stats = proxy.stats()
@@ -390,12 +400,27 @@ def test_wifi_flaky_federation_commits_rounds_and_counts_every_update_once(field
     print(f"wifi-flaky federation: rounds {rounds}, resets when each round closed {resets_seen}, "
           f"duplicates_dropped={summary['duplicates_dropped']}, rejected={summary['rejected_by_reason']}, "
           f"proxy={stats}")
-    assert resets_seen[-1] >= 1  # links were reset while the rounds ran
-    assert summary["rounds_completed"] == 3
-    assert summary["updates_accepted"] == sum(r.accepted for r in fed.records)
+    # Links were reset while the rounds ran. How many is not fixed: connections 1, 3 and 5 (seed 61)
+    # reset 0.8, 1.09 and 1.82 s after they open, the reconnections later (> 14 s), so the count
+    # when the last round closes depends on how fast the rounds go. At least the first: three
+    # rounds of 0.3 s fits cannot close within 0.8 s of the devices connecting.
+    assert resets_seen[-1] >= 1, resets_seen
+    assert summary["rounds_completed"] == 3 and summary["rounds_abandoned"] == 0
     assert all(r.accepted <= r.selected for r in fed.records)
     # the proxy never corrupts bytes: the only rejects allowed are redeliveries into a closed round
+    # (how many depends on which shards were in flight at a reset)
     assert set(summary["rejected_by_reason"]) <= {"stale_round"}
+    # Counted once, checked from outside: every committed model rebuilt from the devices' own ledgers.
+    audited = audit(tmp_path / "ledger", fed.coordinator_state_dir)
+    assert (audited.rounds_verified, audited.missing, audited.double_counted) == (3, [], []), audited.to_dict()
+    assert audited.clean and audited.accepted_receipts == sum(r.accepted for r in fed.records)
+
+
+def _accepted_receipts(ledger_dir) -> int:
+    from fedsync.device_agent.ledger import read_ledger_dir
+
+    return sum(any(r.status == "accepted" for r in rs) for led in read_ledger_dir(ledger_dir).values()
+               for rs in led.receipts.values())
 
 
 # -- the CLI --------------------------------------------------------------------------------------------

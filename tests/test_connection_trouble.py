@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import ssl
 import socket
 import subprocess
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from broker_config.process import free_port, mosquitto_available
-from fedsync.mqtt import BrokerAddress, describe_connect_error
-from tests.util import wait_until
+from fedsync.broker_config.process import free_port, mosquitto_available
+from fedsync.address import BrokerAddress
+from fedsync.transport.mqtt import describe_connect_error
+from tests.util import stop_process, wait_until
 
 FEDSYNC = os.path.join(os.path.dirname(sys.executable), "fedsync")
 ADDRESS = BrokerAddress("broker.lan", 8883, True)
@@ -60,13 +60,7 @@ class Agent:
         return [ln for ln in self.text().splitlines() if " WARNING fedsync.mqtt connect_failed " in ln]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return stop_process(self.proc, grace=15)
 
 
 def _failures(lines: list[str]) -> list[int]:
@@ -92,8 +86,8 @@ needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="mosquitt
 @needs_mosquitto
 @pytest.mark.broker
 def test_untrusted_tls_and_a_wrong_password_are_named_and_the_right_ones_connect(tmp_path):
-    from broker_config.tls import make_ca
-    from tests.test_security import rendered_broker
+    from fedsync.broker_config.tls import make_ca
+    from tests.secured_broker import rendered_broker
 
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes(make_ca("someone else's CA").cert_pem())
@@ -110,15 +104,24 @@ def test_untrusted_tls_and_a_wrong_password_are_named_and_the_right_ones_connect
                           device="dev-1"),
             "good": Agent(tmp_path, "good", "--broker", url, "--ca-file", s.ca, "--password-file", str(good_pw),
                           device="dev-0"),
+            # plain MQTT to the TLS port: mosquitto closes it before any CONNACK
+            "plain": Agent(tmp_path, "plain", "--broker", url.replace("mqtts://", "mqtt://"), "--password-file",
+                           str(good_pw), device="dev-0"),
         }
         try:
             wait_until(lambda: agents["untrusted"].warnings() and agents["auth"].warnings()
-                       and " connected client=dev-0" in agents["good"].text(), 30, "all three outcomes")
+                       and agents["plain"].warnings()
+                       and " connected client=dev-0" in agents["good"].text(), 30, "all four outcomes")
         finally:
             codes = {name: a.stop() for name, a in agents.items()}
-    assert codes == {"untrusted": 0, "auth": 0, "good": 0}
+    assert codes == {"untrusted": 0, "auth": 0, "good": 0, "plain": 0}
+    port = url.rsplit(":", 1)[1]
+    assert (f'kind=closed_before_connack detail="127.0.0.1:{port}: connection closed before CONNACK '
+            f'(is it a TLS port? then use mqtts://)"') in agents["plain"].warnings()[0]
     untrusted = agents["untrusted"].warnings()[0]
     assert "kind=tls_verify" in untrusted and f"CA file {other_ca})" in untrusted
     auth = agents["auth"].warnings()[0]
     assert "kind=auth" in auth and "refused the login of 'dev-1'" in auth
+    # the delay it really waits (it said retry_in=0.0 while the backoff waited 0.2 s and more)
+    assert 0.0 < float(re.search(r"retry_in=(\S+)", auth).group(1)) <= 0.2
     assert agents["good"].warnings() == []

@@ -20,10 +20,10 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_config.process import BrokerProcess, mosquitto_available
+from fedsync.broker_config.process import BrokerProcess, mosquitto_available
 from fedsync.messages import PeerStatus, decode
 from fedsync.topics import Topics
-from tests.util import wait_until
+from tests.util import stop_process, wait_until
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")]
@@ -49,10 +49,7 @@ class Coordinator:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, sig=signal.SIGKILL)
 
 
 def _retained_status(broker: BrokerProcess) -> PeerStatus:
@@ -85,7 +82,7 @@ def broker(tmp_path: Path):
     # keepalive 60 s: a frozen coordinator's will does not fire while the test runs.
     (tmp_path / "c.toml").write_text("[broker]\nkeepalive = 60\n")
     acl = tmp_path / "acl"
-    from broker_config.acl import mosquitto_acl
+    from fedsync.broker_config.acl import mosquitto_acl
 
     acl.write_text(mosquitto_acl("own", []))
     with BrokerProcess("mosquitto", users=USERS, acl_file=str(acl)) as b:

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import cbor2
 import numpy as np
-import pytest
 
-from coordinator.core import CoordinatorCore, RoundPolicy
+from fedsync.coordinator.core import CoordinatorCore, RoundPolicy
 from fedsync.actions import Publish
 from fedsync.codecs import get_codec
 from fedsync.messages import MAX_PAYLOAD, RoundManifest, ShardAck, UpdateShard, decode, encode
@@ -80,7 +79,8 @@ def genuine_update(m: RoundManifest, device: str, update_id: str, values: np.nda
     codec = get_codec(m.update_codec)
     slices = shard_slices(m.num_params, m.shard_values)
     datas = [codec.encode(values[off:off + n]) for off, n in slices]
-    whole = update_digest(digest(d) for d in datas)
+    whole = update_digest((digest(d) for d in datas), federation=m.federation, device=device, round_id=m.round_id,
+                          update_id=update_id, base_version=m.model_version, base_digest=m.model_digest)
     return [(TOPICS.up(device, m.round_id, update_id, i),
              encode(UpdateShard(device=device, round_id=m.round_id, update_id=update_id,
                                 base_version=m.model_version, index=i, count=len(slices), offset=off, length=n,
@@ -209,7 +209,9 @@ class Mutator:
             datas = [_unchecked_zstd(np.full(n, np.nan if i == bad and rng.random() < 0.5
                                              else np.inf if i == bad else 0.0, np.float32))
                      for i, (_, n) in enumerate(slices)]
-        whole = update_digest(digest(d) for d in datas)
+        whole = update_digest((digest(d) for d in datas), federation=self.m.federation, device="dev-2",
+                              round_id=self.m.round_id, update_id=uid, base_version=self.m.model_version,
+                              base_digest=self.m.model_digest)
         i = self.rng.randrange(len(slices))
         off, n = slices[i]
         body = {"v": 1, "t": "update", "device": "dev-2", "round_id": self.m.round_id, "update_id": uid,

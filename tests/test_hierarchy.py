@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_config.process import BrokerProcess, free_port, mosquitto_available
-from coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
-from coordinator.edge import EdgeTrainer
-from coordinator.federation import LocalFederation
-from coordinator.service import CoordinatorService
-from device_agent.data import synthetic_federation
-from device_agent.models import build_model
-from device_agent.service import AgentHost, DeviceSpec
-from device_agent.trainer import NumpyTrainer
+from fedsync.broker_config.process import BrokerProcess, free_port, mosquitto_available
+from fedsync.coordinator.core import CoordinatorCore, RoundClosed, RoundPolicy
+from fedsync.coordinator.edge import EdgeTrainer
+from fedsync.lab.federation import LocalFederation
+from fedsync.coordinator.service import CoordinatorService
+from fedsync.synthetic import synthetic_federation
+from fedsync.models import build_model
+from fedsync.device_agent.service import AgentHost, DeviceSpec
+from fedsync.device_agent.trainer import NumpyTrainer
 from fedsync.topics import Topics
 from tests.util import wait_until
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from broker_config.process import BrokerProcess, mosquitto_available
-from coordinator.config import CoordinatorConfig
-from device_agent.config import AgentConfig
+from fedsync.broker_config.process import BrokerProcess, mosquitto_available
+from fedsync.coordinator.config import CoordinatorConfig
+from fedsync.device_agent.config import AgentConfig
 from fedsync.cli import CHAOS_PROFILES, _StatusConfig, build_parser
 from fedsync.codecs import dense, lossy
 from fedsync.config import ConfigError, load_config
+from tests.util import stop_process
 
 FEDSYNC = os.path.join(os.path.dirname(sys.executable), "fedsync")  # the console script of this venv
 TIMEOUT = 30  # seconds; every scenario here ends on its own in well under one
@@ -140,7 +142,28 @@ def test_agent_data_index_out_of_range():
 def test_status_checks_its_broker_section_too():
     out = fedsync("status", "--broker", "mqtt://127.0.0.1:99999")
     assert (out.returncode, out.stderr) == (2, config_error(
-        "status", "broker.url: 'mqtt://127.0.0.1:99999': Port out of range 0-65535 (command line)"))
+        "status", "broker.url: 'mqtt://127.0.0.1:99999': the port must be a number in 1..65535 (command line)"))
+
+
+@pytest.mark.parametrize("url, why", [
+    ("mqtt://", "'mqtt://' names no host (e.g. mqtt://127.0.0.1:1883)"),
+    ("mqtt://:1883", "'mqtt://:1883' names no host (e.g. mqtt://127.0.0.1:1883)"),
+    ("mqtt://pi:1883x", "'mqtt://pi:1883x': the port must be a number in 1..65535"),
+    ("mqtt://dev-1:secret@pi", "'mqtt://dev-1:secret@pi': no user or password in the URL; use --password-file "
+                               "(and [broker] username)"),
+    ("mqtts://pi:8883/fedsync", "'mqtts://pi:8883/fedsync': a broker URL is mqtt[s]://host[:port], with no path or query"),
+])
+def test_a_broker_url_that_would_connect_elsewhere_or_drop_a_part_is_refused(url, why):
+    # Before: 'mqtt://' and 'mqtt://:1883' went to 127.0.0.1, and a user, password or path was dropped silently.
+    out = fedsync("agent", "--device-id", "dev-1", "--broker", url)
+    assert (out.returncode, out.stderr) == (2, config_error("agent", f"broker.url: {why} (command line)"))
+
+
+def test_a_bare_host_and_port_is_a_plain_mqtt_url():
+    from fedsync.address import BrokerAddress
+
+    assert BrokerAddress.parse("10.0.0.5:1884") == BrokerAddress.parse("mqtt://10.0.0.5:1884")
+    assert BrokerAddress.parse("10.0.0.5") == BrokerAddress("10.0.0.5", 1883, False)
 
 
 def test_a_metrics_port_in_use_is_one_line_and_exit_1():
@@ -157,9 +180,7 @@ def test_a_metrics_port_in_use_is_one_line_and_exit_1():
         try:
             stdout, stderr = proc.communicate(timeout=TIMEOUT)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, sig=signal.SIGKILL)
     assert (proc.returncode, stdout, stderr) == (1, "", f"fedsync coordinator: metrics port {port}: address already in use\n")
 
 
@@ -177,9 +198,7 @@ def _closed_pipe(*args: str) -> tuple[int, bytes]:
         stderr = proc.stderr.read()
         proc.wait(TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, sig=signal.SIGKILL)
     return proc.returncode, stderr
 
 
@@ -203,11 +222,12 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_fieldtest_profiles_are_the_chaos_modules_profiles():
-    from fedsync.chaos import PROFILES
+    from fedsync.lab.chaos import PROFILES
+    from fedsync.lab.chaos_profiles import SCENARIOS
 
     assert CHAOS_PROFILES == tuple(PROFILES)
     profile = next(a for a in _subcommands()["fieldtest"]._actions if a.dest == "profile")
-    assert tuple(profile.choices) == CHAOS_PROFILES
+    assert tuple(profile.choices) == (*CHAOS_PROFILES, *SCENARIOS)  # link profiles, then the scenarios
 
 
 def test_every_flag_states_its_default():
@@ -245,11 +265,11 @@ def test_unknown_keys_and_wrong_types_are_collected_not_raised_on_the_first(tmp_
     with pytest.raises(ConfigError) as err:
         load_config(AgentConfig, path, {"broker.keepalive": True, "data.index": -1})
     assert err.value.problems == [
-        f"rounds: a key outside every [section]; sections: broker, federation, agent, data ({path})",
-        f"dat: unknown section; known: broker, federation, agent, data ({path})",
+        f"rounds: a key outside every [section]; sections: broker, federation, agent, data, trainer ({path})",
+        f"dat: unknown section; known: broker, federation, agent, data, trainer ({path})",
         "broker.keepalive: expected int, got bool True (command line)",
         "agent.resend_afer: unknown key; known: device_id, resend_after, seed, train_delay, state_dir, "
-        f"signing_key_file, signing_scheme, log_level ({path})",
+        f"signing_key_file, signing_scheme, log_level, ledger_dir ({path})",
         f"agent.train_delay: expected float, got str 'slow' ({path})",
         "data.index: must be >= 0, got -1 (command line)",
     ]
@@ -273,7 +293,7 @@ def test_every_checked_key_is_a_real_field(cls):
 # -- the end-of-run summaries of demo and fieldtest ------------------------------------------------
 
 def test_demo_and_fieldtest_print_their_summary_to_stdout_with_labels_a_person_reads(capsys, tmp_path):
-    from coordinator import demo, fieldtest
+    from fedsync.lab import demo, fieldtest
 
     fieldtest._print({"summary": {**{key: 3 for key, _ in fieldtest._LABELS}, "final_accuracy": 0.81234,
                                   "profile": "wifi-flaky", "broker": "mosquitto"}}, tmp_path)
@@ -292,3 +312,16 @@ def test_demo_and_fieldtest_print_their_summary_to_stdout_with_labels_a_person_r
     for line in ("│ Rounds committed / abandoned ", "│ 2 / 0 ", "│ Final accuracy (federated) ", "│ 0.5000 ",
                  "│ +25.00 ", "│ 13,616 / 7,575 "):
         assert line in dem.out, line
+
+
+def test_a_trainer_table_without_a_factory_is_refused_and_a_typo_is_named(toml):
+    # Before: [trainer] factroy = ... ran the built-in trainer on Synthetic data, with no word said.
+    path = toml('[trainer]\nfactroy = "trainer:make_trainer"\ndevices = 10\n')
+    out = fedsync("agent", "--config", path, "--device-id", "dev-0")
+    assert (out.returncode, out.stderr) == (2, config_error(
+        "agent", "trainer.factory: required when [trainer] has keys (devices, factroy); did you mean factory "
+                 f"instead of factroy? ({path})"))
+    path = toml('[trainer]\ndevices = 10\n')
+    out = fedsync("agent", "--config", path, "--device-id", "dev-0")
+    assert (out.returncode, out.stderr) == (2, config_error(
+        "agent", f"trainer.factory: required when [trainer] has keys (devices) ({path})"))

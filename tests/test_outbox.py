@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from device_agent.agent import OutboxRecord
-from device_agent.outbox import Outbox
+from fedsync.device_agent.agent import OutboxRecord
+from fedsync.device_agent.outbox import Outbox
 
 
 def _record(round_id: int) -> OutboxRecord:

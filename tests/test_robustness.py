@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.core import RoundPolicy
-from coordinator.federation import LocalFederation
-from coordinator.strategies import make_strategy_factory
+from fedsync.coordinator.core import RoundPolicy
+from fedsync.lab.federation import LocalFederation
+from fedsync.coordinator.strategies import make_strategy_factory
 from tests.util import run_federation
 
 pytestmark = pytest.mark.broker

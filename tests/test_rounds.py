@@ -9,9 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from coordinator.core import OFFLINE_SETTLE, RECONNECT_SETTLE, CoordinatorCore, RejectedInput, RoundPolicy
+from fedsync.coordinator.core import (OFFLINE_SETTLE, RECONNECT_SETTLE, CoordinatorCore, RejectedInput, RoundPolicy,
+                                      WaitingForDevices)
 from fedsync.actions import Publish
-from fedsync.messages import RoundManifest, ShardAck, UpdateShard, decode, encode
+from fedsync.messages import PeerStatus, RoundManifest, ShardAck, UpdateShard, decode, encode
 from fedsync.params import flatten
 from fedsync.topics import Topics
 from tests.sim import Sim, offset_trainer
@@ -228,13 +229,13 @@ def test_forged_update_digest_gets_rejected_and_the_agent_sends_a_fresh_update()
     assert closed.accepted == tuple(DEVICES) and sim.coord.stats.updates_accepted == 3
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda t, p: ("fedsync/sim/up/dev-1/1/uX/0", p), "topic_mismatch"),
-    (lambda t, p: (t, b"\xff\x00garbage"), "cbor"),
-    (lambda t, p: (t, p + b"\x00"), "trailing_bytes"),
-    (lambda t, p: (t.replace("/up/dev-0/", "/up/dev-9/"), p), "topic_mismatch"),
+@pytest.mark.parametrize("mutate, reason, receipt", [
+    (lambda t, p: ("fedsync/sim/up/dev-1/1/uX/0", p), "topic_mismatch", "topic:topic_mismatch"),
+    (lambda t, p: (t, b"\xff\x00garbage"), "cbor", "payload:cbor"),
+    (lambda t, p: (t, p + b"\x00"), "trailing_bytes", "payload:trailing_bytes"),
+    (lambda t, p: (t.replace("/up/dev-0/", "/up/dev-9/"), p), "topic_mismatch", "topic:topic_mismatch"),
 ])
-def test_hostile_inputs_are_counted_not_raised(mutate, reason):
+def test_hostile_inputs_are_counted_not_raised_and_the_device_their_topic_names_is_told(mutate, reason, receipt):
     sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=3, min_devices=3))
     captured = []
     sim.on_publish = lambda s, p: (captured.append(p) if "/up/dev-0/" in p.topic else None) or [p]
@@ -242,8 +243,12 @@ def test_hostile_inputs_are_counted_not_raised(mutate, reason):
     sim.settle()
     topic, payload = mutate(captured[0].topic, captured[0].payload)
     out = sim.coord.on_message(topic, payload, sim.now)
-    assert [type(a) for a in out] == [RejectedInput] and out[0].reason == reason
+    assert [type(a) for a in out] == [RejectedInput, Publish] and out[0].reason == reason
     assert sim.coord.stats.rejected_by_reason[reason] == 1
+    where = sim.topics.parse_up(topic)  # the topic's device, round and update: 16 params in 4 shards
+    assert out[1].topic == sim.topics.ack(where.device) and out[1].retain
+    assert decode(out[1].payload, ShardAck) == ShardAck(where.device, 1, where.update_id, 4, b"\x00", "rejected",
+                                                        receipt)
 
 
 def test_unselected_device_is_rejected():
@@ -269,6 +274,8 @@ def test_core_start_publishes_retained_state():
     core = CoordinatorCore(Topics("t"), {"w": np.arange(7, dtype=np.float32)}, RoundPolicy(shard_values=3),
                            hyper={}, incarnation=9, seed=0)
     out = core.start(now=5.0)
+    assert out[-1] == WaitingForDevices(online=0, needed=1)  # why nothing opens yet
+    out = out[:-1]
     assert [(a.topic, a.retain) for a in out] == [
         ("fedsync/t/coordinator/status", True), ("fedsync/t/model/0/0", True), ("fedsync/t/model/0/1", True),
         ("fedsync/t/model/0/2", True), ("fedsync/t/manifest", True)]
@@ -353,7 +360,7 @@ def test_devices_one_version_behind_fetch_only_the_delta_and_get_the_exact_model
 
 
 def test_signed_updates_count_and_a_forgery_under_the_devices_name_is_rejected_before_acceptance():
-    from device_agent.agent import AgentCore
+    from fedsync.device_agent.agent import AgentCore
     from fedsync.signing import HmacSigner, HmacVerifier
 
     keys = {d: bytes([i + 1]) * 32 for i, d in enumerate(DEVICES)}
@@ -367,7 +374,7 @@ def test_signed_updates_count_and_a_forgery_under_the_devices_name_is_rejected_b
     # An attacker on dev-1's topic sends a complete, digest-valid update signed with the wrong key.
     m = decode(sim.retained[sim.topics.manifest], RoundManifest)
     evil = AgentCore("dev-1", sim.topics, random.Random(9), signer=HmacSigner(b"\x66" * 32))
-    up = evil._encode(m, np.full(m.num_params, 100.0, np.float32), 10_000, {})
+    up = evil.encode_update(m, np.full(m.num_params, 100.0, np.float32), 10_000, {})
     for topic, payload in zip(up.topics, up.payloads):
         sim.run("coordinator", sim.coord.on_message(topic, payload, sim.now))
     assert sim.coord.stats.rejected_by_reason["signature"] == 1
@@ -380,7 +387,7 @@ def test_signed_updates_count_and_a_forgery_under_the_devices_name_is_rejected_b
 
 
 def test_update_beyond_the_norm_bound_is_refused_counted_and_the_round_commits_without_it():
-    from coordinator.hardening import UpdateScreen
+    from fedsync.coordinator.hardening import UpdateScreen
 
     sim = make_sim(RoundPolicy(rounds=1, target=3, quorum=2, min_devices=3))
     sim.trainers["dev-2"] = offset_trainer(1000.0, 60)  # a poisoned, huge update
@@ -434,3 +441,28 @@ def test_topk_updates_carry_error_feedback_and_the_coordinator_sees_exactly_what
     assert kept == sum(math.ceil(0.1 * n) for n in (256, 256, 98))  # top 10% of each shard
     # what was dropped stays on the device for the next round: sent + residual == the true delta
     np.testing.assert_allclose(sim.coord.vector + a.feedback.residual, ramp, atol=1e-3)
+
+
+def test_a_coordinator_short_of_devices_says_so_once_per_change_each_minute_and_stops_when_a_round_opens():
+    topics = Topics("t")
+    core = CoordinatorCore(topics, {"w": np.zeros(4, np.float32)}, RoundPolicy(min_devices=3, quorum=2, target=3),
+                           hyper={}, incarnation=1, seed=0)
+
+    def waits(out: list) -> list:
+        return [(a.online, a.needed) for a in out if isinstance(a, WaitingForDevices)]
+
+    def status(device: str, state: str, now: float) -> list:
+        return core.on_message(topics.status(device), encode(PeerStatus(device, state, 1)), now)
+
+    told = waits(core.start(0.0))
+    told += waits(core.tick(1.0)) + waits(core.tick(2.0))  # nothing changed: said once
+    told += waits(status("dev-0", "online", 3.0)) + waits(core.tick(4.0))
+    told += waits(status("dev-1", "online", 5.0))
+    told += waits(status("dev-1", "offline", 6.0)) + waits(core.tick(6.1))
+    assert told == [(0, 3), (1, 3), (2, 3), (1, 3)]
+    # Unchanged: said again once WAITING_REPEAT (60 s) has passed since it was last said (tick 6.1).
+    assert [waits(core.tick(t)) for t in (30.0, 66.0, 66.2, 67.0)] == [[], [], [(1, 3)], []]
+    status("dev-1", "online", 70.0)
+    out = status("dev-2", "online", 71.0)
+    assert core.round is not None and waits(out) == []  # opened: nothing to explain
+    assert waits(core.tick(200.0)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -10,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from coordinator.aggregate import FedAvg
-from coordinator.strategies import (
-    STRATEGY_NAMES, CentralDP, FedAdam, FedAvgM, Krum, Median, TrimmedMean, UpdateSpool, clip_by_norm,
+from fedsync.coordinator.aggregate import FedAvg
+from fedsync.coordinator.spool import UpdateSpool, disk_spool
+from fedsync.coordinator.strategies import (
+    STRATEGY_NAMES, CentralDP, FedAdam, FedAvgM, Krum, Median, MemorySpool, TrimmedMean, clip_by_norm,
     coordinate_median, gaussian_noise, krum_scores, make_strategy_factory, multi_krum, trimmed_mean,
 )
 
@@ -112,7 +114,7 @@ def test_krum_and_multi_krum_rounds_report_the_winners():
 
 
 def test_krum_with_fewer_than_2f_plus_3_updates_keeps_the_model_and_its_spool_is_gone():
-    krum = Krum(2, num_byzantine=1)
+    krum = Krum(2, num_byzantine=1, spool=disk_spool())
     assert krum.min_updates == 5
     for d in KRUM_POINTS[:4]:
         krum.add(d, 1)
@@ -240,7 +242,7 @@ def test_fedavg_is_dragged_far_from_the_honest_mean(weighted):
 
 
 def test_spool_file_is_created_grown_in_chunks_and_removed_on_finish(tmp_path):
-    s = Median(4, spool_dir=str(tmp_path), chunk_rows=2)
+    s = Median(4, spool=disk_spool(str(tmp_path), chunk_rows=2))
     assert s.spool.path is None and list(tmp_path.iterdir()) == []  # nothing until the first update
     deltas = np.arange(20, dtype=F32).reshape(5, 4)
     sizes = []
@@ -256,13 +258,32 @@ def test_spool_file_is_created_grown_in_chunks_and_removed_on_finish(tmp_path):
 
 
 def test_spool_of_an_abandoned_round_is_removed_on_garbage_collection(tmp_path):
-    factory = make_strategy_factory("trimmed_mean", 3, {"spool_dir": str(tmp_path)})
+    factory = make_strategy_factory("trimmed_mean", 3, {"spool": disk_spool(str(tmp_path))})
     s = factory(3)
     s.add(np.ones(3, F32), 1)
     assert len(list(tmp_path.iterdir())) == 1
     del s  # the core drops an abandoned round's strategy without calling finish
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_configured_coordinator_spools_robust_rules_to_disk(tmp_path, monkeypatch):
+    import tempfile
+
+    from fedsync.config import load_config
+    from fedsync.coordinator.config import CoordinatorConfig, strategy_factory_from
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = load_config(CoordinatorConfig, None, {"strategy.name": "median"})
+    cfg = dataclasses.replace(cfg, strategy_options={"chunk_rows": 2.0})
+    s = strategy_factory_from(cfg, 4)(4)
+    s.add(np.ones(4, F32), 1)
+    assert s.spool.path.parent.parent == tmp_path and s.spool.path.stat().st_size == 32
+    assert s.finish(np.zeros(4, F32)).tolist() == [1.0] * 4 and list(tmp_path.iterdir()) == []
+    # without the config's disk spool the sans-IO rule keeps its rows in RAM: same answer, no file
+    m = Median(4)
+    m.add(np.ones(4, F32), 1)
+    assert m.spool.path is None and m.finish(np.zeros(4, F32)).tolist() == [1.0] * 4
 
 
 def test_spool_reads_back_in_column_blocks():
@@ -275,6 +296,8 @@ def test_spool_reads_back_in_column_blocks():
 def test_spool_rejects_a_delta_of_the_wrong_size():
     with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
         UpdateSpool(3).append(np.zeros(2, F32))
+    with pytest.raises(ValueError, match=r"shape \(2,\), expected \(3,\)"):
+        MemorySpool(3).append(np.zeros(2, F32))
 
 
 # -- registry --------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import cbor2
 import numpy as np
 import pytest
 
-from coordinator.core import Checkpoint, CoordinatorCore, JournalShard, RoundOpened, RoundPolicy
-from coordinator.journal import Journal
-from coordinator.strategies import STRATEGY_NAMES, FedAdam, generator_state, make_strategy_factory
+from fedsync.coordinator.core import Checkpoint, CoordinatorCore, JournalShard, RoundOpened, RoundPolicy
+from fedsync.coordinator.journal import Journal
+from fedsync.coordinator.strategies import STRATEGY_NAMES, FedAdam, generator_state, make_strategy_factory
 from tests.sim import Sim, offset_trainer
 
 DEVICES = ["dev-0", "dev-1", "dev-2"]

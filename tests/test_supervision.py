@@ -3,10 +3,12 @@
 The field report: `target = 0` made the manifest fail to encode inside `on_message`; it
 was counted as a rejected status message, the service thread died, and MqttLink kept the
 session alive, so the coordinator looked online and did nothing. The same hole was in the
-agent host (a NaN training loss cannot be encoded). Now the loop logs the error, drops
-the connection without DISCONNECT so the broker fires the last will, and reports the
-error to the CLI, which exits non-zero. Each test watches the retained status from a
-separate client: "online" first (the positive control), then the will's "offline".
+agent host (a NaN training loss could not be encoded; now it is left out of the update,
+device_agent/fit_check.py). Now the loop logs the error, drops the connection without
+DISCONNECT so the broker fires the last will, and reports the error to the CLI, which
+exits non-zero; a training thread that dies (SystemExit from a trainer) ends the host the
+same way. Each test watches the retained status from a separate client: "online" first
+(the positive control), then the will's "offline".
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker_config.process import BrokerProcess, mosquitto_available
-from coordinator.core import CoordinatorCore, RoundPolicy
-from coordinator.service import CoordinatorService
-from device_agent.service import AgentHost, DeviceSpec
-from device_agent.trainer import FitResult
+from fedsync.broker_config.process import BrokerProcess, mosquitto_available
+from fedsync.coordinator.core import CoordinatorCore, RoundPolicy
+from fedsync.coordinator.service import CoordinatorService
+from fedsync.device_agent.service import AgentHost, DeviceSpec
+from fedsync.trainer_api import FitResult
 from fedsync.errors import EncodeError
 from fedsync.messages import PeerStatus, decode, encode
-from fedsync.mqtt import Credentials
+from fedsync.address import Credentials
 from fedsync.topics import Topics
 from tests.util import wait_until
 
@@ -101,20 +103,53 @@ class NanLossTrainer:
         raise NotImplementedError
 
 
-def test_an_update_that_cannot_be_encoded_ends_the_agent_host_and_fires_the_devices_will(broker):
+class ExitingTrainer:
+    """A trainer that calls sys.exit: a BaseException, which a pool thread would swallow."""
+
+    def fit(self, params, hyper, rng) -> FitResult:
+        raise SystemExit(3)
+
+    def evaluate(self, params):  # pragma: no cover - not reached
+        raise NotImplementedError
+
+
+def _one_device(broker, trainer, incarnation: int):
     core = CoordinatorCore(TOPICS, {"w": np.zeros(8, np.float32)}, RoundPolicy(rounds=1, target=1, quorum=1),
-                           hyper={}, incarnation=7, seed=0)
+                           hyper={}, incarnation=incarnation, seed=0)
     coordinator = CoordinatorService(core, broker.url, credentials=Credentials("coordinator", USERS["coordinator"]),
                                      keepalive=5)
-    watcher = Watcher(broker, TOPICS.status("pi-kitchen"))
-    host = AgentHost(broker.url, TOPICS, [DeviceSpec("pi-kitchen", NanLossTrainer(),
+    host = AgentHost(broker.url, TOPICS, [DeviceSpec("pi-kitchen", trainer,
                                                      Credentials("pi-kitchen", USERS["pi-kitchen"]))],
                      keepalive=5, seed=random.Random(0).randrange(1 << 30))
+    return core, coordinator, host
+
+
+def test_a_nan_loss_is_left_out_of_the_update_and_the_update_counts(broker):
+    # Once the hole of the field report: encoding the NaN raised inside the dispatcher.
+    core, coordinator, host = _one_device(broker, NanLossTrainer(), 7)
+    watcher = Watcher(broker, TOPICS.status("pi-kitchen"))
     try:
         coordinator.start()
         host.start()
-        assert host.done.wait(20), "the agent host kept running after the encode error"
-        assert isinstance(host.failed, EncodeError) and "metrics" in str(host.failed)
+        assert host.wait_finished(20), "the campaign did not finish"
+        assert (core.stats.updates_accepted, core.stats.rounds_committed) == (1, 1)
+        assert host.failed is None and not host.done.is_set()
+        assert host.stats()["fits_failed"] == 0 and watcher.states() == ["online"]
+    finally:
+        host.stop()
+        coordinator.stop()
+        watcher.close()
+
+
+def test_an_exception_escaping_a_training_thread_ends_the_agent_host_and_fires_the_devices_will(broker):
+    core, coordinator, host = _one_device(broker, ExitingTrainer(), 8)
+    watcher = Watcher(broker, TOPICS.status("pi-kitchen"))
+    try:
+        coordinator.start()
+        host.start()
+        assert host.done.wait(20), "the agent host kept running after its training thread died"
+        assert isinstance(host.failed, RuntimeError) and "training thread of pi-kitchen" in str(host.failed)
+        assert isinstance(host.failed.__cause__, SystemExit)
         wait_until(lambda: watcher.states()[-1:] == ["offline"], 10, "the device's last will")
         assert watcher.states() == ["online", "offline"]
         assert core.stats.updates_accepted == 0 and coordinator.failed is None

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_config import acl
-from coordinator.core import RoundPolicy
+from fedsync.broker_config import acl
+from fedsync.coordinator.core import RoundPolicy
 from fedsync.actions import Publish, Subscribe
 from fedsync.topics import TOPIC_TABLE, Topics
 from tests.sim import Sim, offset_trainer

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_agent.data import DeviceData, synthetic_federation, union
-from device_agent.models import MLP, SoftmaxRegression, build_model, param_spec
-from device_agent.trainer import (
+from fedsync.synthetic import DeviceData, synthetic_federation, union
+from fedsync.models import MLP, SoftmaxRegression, build_model, param_spec
+from fedsync.device_agent.trainer import (
     DEFAULT_HYPER,
     EvalResult,
     FitResult,

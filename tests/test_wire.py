@@ -186,7 +186,11 @@ def test_topics_parse_and_reject():
                 "fedsync/demo/up/d+/4/u/2"]:
         with pytest.raises(ProtocolError):
             t.parse_up(bad)
-    assert update_digest([b"a" * 16]) != update_digest([b"b" * 16])
+    kw = dict(federation="demo", device="dev-1", round_id=4, update_id="uabc", base_version=3, base_digest=b"\x01" * 16)
+    assert update_digest([b"a" * 16], **kw) != update_digest([b"b" * 16], **kw)
+    moved = [dict(kw, federation="other"), dict(kw, device="dev-2"), dict(kw, round_id=5), dict(kw, update_id="uabd"),
+             dict(kw, base_version=2), dict(kw, base_digest=b"\x02" * 16)]
+    assert len({update_digest([b"a" * 16], **k) for k in [kw, *moved]}) == 7  # every field is bound
 
 
 def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating():
@@ -198,3 +202,36 @@ def test_zstd_frame_claiming_a_huge_size_is_refused_before_allocating():
         with pytest.raises(ProtocolError) as exc:
             get_codec(name).decode(bomb, 4)
         assert (exc.value.field, exc.value.reason) == ("data", "size")
+
+
+def test_a_tag_is_refused_by_its_field_with_the_reason_the_docs_quote():
+    body = cbor2.loads(encode(PeerStatus("dev-1", "online")))
+    assert decode(cbor2.dumps(body), PeerStatus) == PeerStatus("dev-1", "online")  # positive control
+    for tagged in (cbor2.CBORTag(64, b"x"), cbor2.CBORTag(28, "dev-1"), cbor2.CBORTag(55799, "dev-1")):
+        with pytest.raises(ProtocolError) as err:
+            decode(cbor2.dumps({**body, "peer": tagged}), PeerStatus)
+        assert str(err.value) == f"peer: type (CBOR tag {tagged.tag}; values are untagged)"
+
+
+def test_hostile_nesting_under_a_field_is_a_protocol_error_not_a_crash():
+    # 200,000 nested arrays: the strict pre-pass walks iteratively, cbor2 then refuses it.
+    payload = b"\xa1\x61a" + b"\x81" * 200_000 + b"\x00"
+    with pytest.raises(ProtocolError) as err:
+        decode(payload)
+    assert (err.value.field, err.value.reason) == ("payload", "cbor")
+
+
+@pytest.mark.parametrize("name", ["zstd", "fp16", "int8", "topk", "topk1"])
+def test_bytes_after_the_zstd_frame_are_refused_not_ignored(name):
+    codec = get_codec(name)
+    values = np.linspace(-1, 1, 4096, dtype=np.float32)
+    data = codec.encode(values)
+    assert codec.decode(data, values.size).shape == (4096,)  # positive control: the frame alone decodes
+    for tail in (b"\x00", data):  # one junk byte; a second whole frame
+        with pytest.raises(ProtocolError) as err:
+            codec.decode(data + tail, values.size)
+        assert (err.value.field, err.value.reason, err.value.detail) == (
+            "data", "trailing", f"{len(tail)} bytes after the zstd frame")
+    with pytest.raises(ProtocolError) as err:  # and a frame cut short is still a codec error
+        codec.decode(data[:-3], values.size)
+    assert (err.value.field, err.value.reason) == ("data", "codec")

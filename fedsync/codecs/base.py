@@ -84,6 +84,11 @@ def zstd_decompress(data: bytes, expect: int) -> bytes:
     header declares and ignores ``max_output_size`` when one is declared (a
     37-byte frame claiming 1 TiB raises MemoryError), so the header is read first.
     Our encoders always write the content size; "unknown" counts as wrong too.
+    The frame must be the whole of ``data``: bytes after it (a second frame, junk) are
+    refused as ``trailing`` (``decode_trailing`` in a receipt) rather than ignored, as
+    python-zstandard's one-shot ``decompress`` would. The streaming decoder used for that
+    stops at the frame's end, and libzstd refuses a block that would run past the
+    declared size, so output stays bounded by ``expect``.
     """
     try:
         declared = zstandard.get_frame_parameters(data).content_size
@@ -91,10 +96,15 @@ def zstd_decompress(data: bytes, expect: int) -> bytes:
         raise ProtocolError("data", "codec", f"zstd header: {exc}") from None
     if declared != expect:
         raise ProtocolError("data", "size", f"zstd frame declares {declared} bytes, expected {expect}")
+    frame = zstandard.ZstdDecompressor().decompressobj()
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expect)
+        out = frame.decompress(data)
     except zstandard.ZstdError as exc:
         raise ProtocolError("data", "codec", f"zstd: {exc}") from None
+    if not frame.eof:
+        raise ProtocolError("data", "codec", "zstd: truncated frame")
+    if frame.unused_data:
+        raise ProtocolError("data", "trailing", f"{len(frame.unused_data)} bytes after the zstd frame")
     if len(out) != expect:
         raise ProtocolError("data", "size", f"decoded {len(out)} bytes, expected {expect}")
     return out

@@ -64,7 +64,6 @@ import struct
 from fractions import Fraction
 
 import numpy as np
-import zstandard
 
 from fedsync.codecs.base import Codec, shuffle, unshuffle, zstd_compress, zstd_decompress
 from fedsync.errors import ProtocolError

@@ -54,4 +54,5 @@ def main(grid: Grid, context: Context) -> None:
         if results:
             with open(results, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"round": rnd, "seconds": seconds, "replies": ok, "nodes": len(nodes),
+                                    "pushed": t0, "done": t0 + seconds,
                                     "max_abs": float(np.abs(model).max())}) + "\n")
