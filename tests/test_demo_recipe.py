@@ -3,7 +3,15 @@ devices train (same seeds per fit, every device in every round, FedAdam on the s
 
 benchmarks/demo_recipe.py records all seeds 0-9 (docs/benchmarks.md, "Demo recipe"); this pins
 seed 0 and the hardest seed of that sweep (5: the largest gap; seed 3, which oscillated 20 points
-short with the previous recipe, holds 36,801 samples and is left to the benchmark for time)."""
+short with the previous recipe, holds 36,801 samples and is left to the benchmark for time).
+
+Why the federated accuracy has a band and the reference none: the devices train in float32, and
+OpenBLAS picks its matrix kernel by CPU (or by ``OPENBLAS_CORETYPE``, which some machines set),
+so the sums in each epoch round differently and 80 rounds carry that into a few test images.
+Measured on one AMD EPYC host, same numpy 2.4.6: seed 0 ends at 0.9340 with the detected kernel
+and 0.9316 with ``OPENBLAS_CORETYPE=Haswell`` (seed 5: 0.8960 with both). The reference is
+solved in float64 to a gradient below 1e-6 and is the same on both. A recipe change moves the
+result by far more than the band (the previous recipe: seed 0 2.1 points short, seed 5 10.7)."""
 
 from __future__ import annotations
 
@@ -40,10 +48,14 @@ def federated_and_reference(seed: int) -> tuple[float, float]:
     return fed, cen
 
 
+KERNEL_BAND = 0.005  # the BLAS kernel's reach (above: 0.0024 on seed 0); half a point
+
+
 @pytest.mark.parametrize("seed, fed_want, cen_want", [(0, 0.9340, 0.9387), (5, 0.8960, 0.9077)])
 def test_demo_recipe_ends_within_2_points_of_the_centralised_reference(seed, fed_want, cen_want):
     fed, cen = federated_and_reference(seed)
-    assert (round(fed, 4), round(cen, 4)) == (fed_want, cen_want)
+    assert round(cen, 4) == cen_want
+    assert abs(fed - fed_want) <= KERNEL_BAND, (fed, fed_want)
     assert cen - fed < 0.02, (fed, cen)
 
 

@@ -47,7 +47,7 @@ from fedsync.coordinator.core import RoundPolicy
 from fedsync.coordinator.hardening import REASONS, UpdateScreen
 from fedsync.lab.audit import audit
 from fedsync.lab.chaos_profiles import Scenario, get_scenario, hostile_roles
-from fedsync.lab.federation import LocalFederation, RoundRecord, make_users
+from fedsync.lab.federation import LocalFederation, RoundRecord, device_ids, make_users
 from fedsync.lab.summary import number, print_summary
 from fedsync.lab.chaos import ChaosProxy
 
@@ -178,9 +178,12 @@ def _faulty_run(console, opts, users, policy, broker, proxy, victims, state_dir,
                 fed.kill_device(device)
                 crashed[device].set()
         # Kill the broker mid-round: a device is about to upload and another's update is already held.
-        # The first device to upload in the kill round waits (on its own host's thread) until one
-        # is: devices that finish training together would otherwise all upload before any update
-        # is complete, and the kill would never come (seen in CI under load).
+        # The first device to upload in the kill round waits until one is: devices that finish
+        # training together would otherwise all upload before any update is complete, and the kill
+        # would never come (seen in CI under load). It waits on its own host's dispatcher thread,
+        # so with a broker kill every device is hosted alone (`solo` below): on a shared host the
+        # wait held back every other device's upload too, and each of its shards waited out the
+        # 30 s in turn while the rounds expired (a 600 s hang in CI, stacks read with py-spy).
         if broker_kill is not None and not broker_kill.is_set() and "/up/" in topic \
                 and int(topic.split("/")[4]) >= broker_kill_round:
             with kill_lock:
@@ -220,9 +223,10 @@ def _faulty_run(console, opts, users, policy, broker, proxy, victims, state_dir,
         def make_trainer(d: str, i: int):  # the data LocalFederation would give each device, or the poison
             return PoisonTrainer() if d in poisoners else NumpyTrainer(model, data[i])
 
+    solo = tuple(device_ids(agents)) if scenario.broker_kill else tuple(victims)
     fed = LocalFederation(proxy.url, users, n_devices=agents, seed=opts.seed, policy=policy,
                           federation="field", keepalive=opts.keepalive, resend_after=opts.resend_after,
-                          state_dir=state_dir, coordinator_url=broker.url, solo=tuple(victims), publish_hook=hook,
+                          state_dir=state_dir, coordinator_url=broker.url, solo=solo, publish_hook=hook,
                           ledger_dir=ledger_dir, screen=UpdateScreen(), make_trainer=make_trainer)
     tap = _Tap(fed, t0, {}, [], [])
     fed.on_round = tap.on_round
