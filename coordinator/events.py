@@ -22,6 +22,7 @@ behaviour; the core's state lives in the core.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -202,6 +203,21 @@ class WaitingNotice:
             self._told = found
             return [found[0]]
         return []
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
+def metric_fields(metrics: dict[str, float]) -> dict[str, float]:
+    """A committed round's mean device metrics as log fields, each named ``mean_<key>``.
+
+    Metric names come from devices (any text of up to 32 characters, docs/protocol.cddl); only
+    names of letters, digits, ``_``, ``.`` and ``-`` are logged, so a device cannot forge fields.
+
+    >>> metric_fields({"train_loss": 0.25, "steps": 10.0, "a b=c": 1.0})
+    {'mean_train_loss': 0.25, 'mean_steps': 10.0}
+    """
+    return {f"mean_{k}": v for k, v in metrics.items() if _SAFE_KEY.fullmatch(k)}
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:

@@ -59,6 +59,7 @@ from typing import Callable
 from fedsync.coordinator.core import (Checkpoint, CoordinatorCore, DeviceOffline, JournalShard, RejectedInput, RoundClosed,
                               RoundOpened, WaitingForDevices, check_shard)
 from fedsync.coordinator.broker_watch import BrokerWatch, WatchNote
+from fedsync.coordinator.events import metric_fields
 from fedsync.coordinator.journal import Journal
 from fedsync.actions import Publish, Subscribe, Unsubscribe
 from fedsync.errors import ProtocolError
@@ -403,7 +404,7 @@ class CoordinatorService:
         if isinstance(event, RoundClosed):
             log_event(log, f"round_{event.outcome}", round=event.round_id, version=event.model_version,
                       accepted=len(event.accepted), selected=len(event.selected), reason=event.reason,
-                      seconds=event.closed_at - event.started_at)
+                      seconds=event.closed_at - event.started_at, **metric_fields(event.metrics))
             self._execute(self.watch.round_closed(event.round_id, self.clock()), [])
         elif isinstance(event, RejectedInput):
             log_event(log, "input_rejected", logging.WARNING, topic=event.topic, field=event.field,

@@ -155,6 +155,13 @@ def test_the_two_services_run_a_project_with_a_model_file(fleet, tmp_path, broke
     assert (start.fields["model"], start.fields["tensors"], start.fields["params"]) == (
         str(tmp_path / "init.safetensors"), "2", "650")
     assert [line.int("round") for line in coordinator.events("round_committed")] == [1, 2, 3]
+    # The coordinator's view of training: each round line carries the sample-weighted mean of the
+    # train_loss the four devices logged for that round, read here from the devices' own logs.
+    for line in coordinator.events("round_committed"):
+        done = [d for a in agents for d in a.events("round_done", round=line.fields["round"])]
+        assert len(done) == 4, fleet.tails(["agent"])
+        want = sum(float(d.fields["train_loss"]) * d.int("samples") for d in done) / sum(d.int("samples") for d in done)
+        assert float(line.fields["mean_train_loss"]) == pytest.approx(want, rel=1e-5), line
     assert [a.events("agent_start")[0].fields["trainer"] for a in agents] == ["trainer:make_trainer"] * 4
     assert all(len(a.events("round_done", status="accepted")) == 3 for a in agents), fleet.tails(["agent"])
     assert os.path.isfile(folder / "trainer.py") and not (Path.cwd() / "trainer.py").exists()
