@@ -153,7 +153,11 @@ def test_no_more_than_max_connecting_links_wait_for_a_connack_at_once(broker):
 
     mux = Counting(max_connecting=2).start()
     try:
-        links = [link(mux, broker, f"m-{i}", clean_session=True).start() for i in range(8, 12)]
+        links = [link(mux, broker, f"m-{i}", clean_session=True) for i in range(8, 12)]
+        # All four become pending in one batch on the I/O thread, so the gate is offered four at
+        # once. Started one by one from here, a fast CONNACK could empty the gate before the next
+        # link was queued, and the gate would never fill (seen in CI: max(seen) == 1).
+        assert mux.run_on_thread(lambda: [x.start() for x in links], 5)
         wait_until(lambda: all(x.connected.is_set() for x in links), 15, "all four links")
     finally:
         mux.stop(5)
