@@ -2,7 +2,10 @@
 
 A module's examples are its shortest documentation; this keeps them true. Modules that
 run a program on import (``__main__``) and the project templates (files ``fedsync new``
-copies, not modules of this package) are left out.
+copies, not modules of this package) are left out, and so is the PyTorch adapter: torch is
+not in ``[all]`` (README), and tests/test_adapters_torch.py runs its examples (20 of them),
+skipping where torch is not installed and failing in CI, which installs it. Without this the
+README's test command failed on a fresh machine (``No module named 'torch'``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import fedsync.device_agent
 # The services' folders install under fedsync by package-dir (pyproject.toml), which an
 # editable install's path walk does not see: each is walked from its own package.
 PACKAGES = (fedsync, fedsync.broker_config, fedsync.coordinator, fedsync.device_agent)
+ELSEWHERE = {"fedsync.adapters.torch"}  # needs torch; its examples run in tests/test_adapters_torch.py
 
 
 def _modules() -> list[str]:
     names = {p.__name__ for p in PACKAGES[1:]}
     for package in PACKAGES:
         names.update(m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
-    return sorted(n for n in names if not n.endswith("__main__") and ".templates" not in n)
+    return sorted(n for n in names if not n.endswith("__main__") and ".templates" not in n and n not in ELSEWHERE)
 
 
 def test_every_docstring_example_in_the_package_passes() -> None:
@@ -36,7 +40,7 @@ def test_every_docstring_example_in_the_package_passes() -> None:
         if result.failed:
             failed.append((name, result.failed, result.attempted))
     assert failed == []
-    assert attempted >= 300  # the positive control: the walk did reach the examples (352 in 99 modules when written)
+    assert attempted >= 300  # the positive control: the walk did reach the examples (342 in 99 modules now)
 
 
 def test_the_walk_reaches_every_layer() -> None:
