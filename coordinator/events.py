@@ -22,7 +22,6 @@ behaviour; the core's state lives in the core.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ import numpy as np
 from fedsync.errors import ProtocolError
 from fedsync.messages import RoundManifest, UpdateShard, decode
 from fedsync.params import digest
+from fedsync.topics import is_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,19 +205,17 @@ class WaitingNotice:
         return []
 
 
-_SAFE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-
-
 def metric_fields(metrics: dict[str, float]) -> dict[str, float]:
     """A committed round's mean device metrics as log fields, each named ``mean_<key>``.
 
     Metric names come from devices (any text of up to 32 characters, docs/protocol.cddl); only
-    names of letters, digits, ``_``, ``.`` and ``-`` are logged, so a device cannot forge fields.
+    those that are also valid names (``is_name``: letters, digits, ``_``, ``.``, ``-``) are
+    logged, so a device cannot forge fields.
 
     >>> metric_fields({"train_loss": 0.25, "steps": 10.0, "a b=c": 1.0})
     {'mean_train_loss': 0.25, 'mean_steps': 10.0}
     """
-    return {f"mean_{k}": v for k, v in metrics.items() if _SAFE_KEY.fullmatch(k)}
+    return {f"mean_{k}": v for k, v in metrics.items() if is_name(k)}
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:

@@ -52,9 +52,18 @@ TOPIC_TABLE: tuple[TopicRule, ...] = (
 )
 
 
+def is_name(value: object) -> bool:
+    """True for a device id / federation name: ``[A-Za-z0-9_.-]{1,64}``.
+
+    >>> is_name("pi-kitchen"), is_name("a b=c"), is_name("x\\n")
+    (True, False, False)
+    """
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None  # fullmatch: `$` alone lets a final \n through
+
+
 def check_name(field: str, value: str) -> str:
     """Return ``value`` if it is a valid device id / federation name."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):  # fullmatch: `$` alone lets a final \n through
+    if not is_name(value):
         raise ProtocolError(field, "format", f"{value!r} must match [A-Za-z0-9_.-]{{1,64}}")
     return value
 

@@ -158,10 +158,13 @@ def test_mosquitto_kill_9_with_a_stale_persistence_file_at_three_points_of_a_rou
     def audits() -> list[tuple[int, int, int]]:
         return [(e.int("observed"), e.int("republished"), e.int("cleared")) for e in coordinator.events("retained_audit")]
 
-    def crash_audit(before: int) -> tuple[int, int, int]:
-        """The first audit logged after the crash. An audit logs at INFO only when it repairs
-        something; the start-up audit can, when round 1's manifest goes out between its
-        subscription and its probe (seen in CI: observed=5 republished=1), so count from here."""
+    def crash_from(snapshot: Path, while_down=lambda: None) -> tuple[int, int, int]:
+        """Crash the broker, restart it from ``snapshot``; the first audit logged after that.
+        An audit logs at INFO only when it repairs something; the start-up audit can, when round
+        1's manifest goes out between its subscription and its probe (seen in CI: observed=5
+        republished=1), so the count starts at the crash."""
+        before = len(audits())
+        broker.crash_and_restart_from(snapshot, while_down)
         fleet.wait_for("the coordinator's audit", lambda: len(audits()) > before, 30, needs=[coordinator])
         return audits()[before]
 
@@ -172,10 +175,8 @@ def test_mosquitto_kill_9_with_a_stale_persistence_file_at_three_points_of_a_rou
         committed(2)
         time.sleep(0.3)  # round 3's manifest is out; the devices train for 1 s and 3 s
         assert not any(_receipts(a, 3) for a in agents.values())
-        before = len(audits())
-        broker.crash_and_restart_from(tmp_path / "round2.db")
         # Broker: manifest 2, model v1. Coordinator: manifest 3, model v2, delta v1 -> v2.
-        assert crash_audit(before) == (1 + SHARDS, 1 + 2 * SHARDS, SHARDS)
+        assert crash_from(tmp_path / "round2.db") == (1 + SHARDS, 1 + 2 * SHARDS, SHARDS)
         committed(3)
 
     with fleet.phase("phase 2: stale file from round 4, killed in round 5 with two updates held", "mosquitto",
@@ -183,10 +184,8 @@ def test_mosquitto_kill_9_with_a_stale_persistence_file_at_three_points_of_a_rou
         fast_receipts(4)
         broker.snapshot(tmp_path / "round4.db")
         fast_receipts(5)
-        before = len(audits())
-        broker.crash_and_restart_from(tmp_path / "round4.db")
         # Broker: manifest 4, model v3 and delta v2 -> v3. Coordinator: manifest 5, v4, delta v3 -> v4.
-        assert crash_audit(before) == (1 + 2 * SHARDS, 1 + 2 * SHARDS, 2 * SHARDS)
+        assert crash_from(tmp_path / "round4.db") == (1 + 2 * SHARDS, 1 + 2 * SHARDS, 2 * SHARDS)
         committed(5)
 
     with fleet.phase("phase 3: stale file from round 7, killed right after round 7 commits", "mosquitto",
@@ -208,9 +207,8 @@ def test_mosquitto_kill_9_with_a_stale_persistence_file_at_three_points_of_a_rou
             assert first.wait(20) == 0
             agents[SLOW] = fleet.restart(first)
 
-        before = len(audits())
-        broker.crash_and_restart_from(tmp_path / "round7.db", while_down=restart_slow_agent)
-        assert crash_audit(before) == (1 + 2 * SHARDS, 1 + 2 * SHARDS, 2 * SHARDS)
+        audit = crash_from(tmp_path / "round7.db", while_down=restart_slow_agent)
+        assert audit == (1 + 2 * SHARDS, 1 + 2 * SHARDS, 2 * SHARDS)
 
     with fleet.phase(f"every later round commits: rounds 1..{ROUNDS}, 3 updates each, one coordinator",
                      "coordinator", "agent"):
